@@ -1,0 +1,1 @@
+"""Pallas GPU kernels for QuantSpec, each beside the `jnp` reference it must match."""

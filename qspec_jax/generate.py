@@ -1,0 +1,137 @@
+"""Autoregressive decoding: prefill, then one token per step inside `lax.while_loop`.
+
+This is the baseline every speedup is measured against, and (with the hierarchical
+INT8 cache) the exact reference greedy speculative decoding must reproduce.
+"""
+
+from __future__ import annotations
+
+import functools
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qspec_jax.cache_spec import CacheSpec
+from qspec_jax.config import LlamaConfig
+from qspec_jax.model import DEFAULT_OPTIONS, ForwardOptions, Params, forward, gather_rows, lm_logits
+from qspec_jax.sampling import GREEDY, SamplingParams, sample
+
+# stop reasons
+RUNNING, STOP_EOS, STOP_LENGTH = 0, 1, 2
+
+
+@flax.struct.dataclass
+class GenerateOutput:
+    tokens: jax.Array  # int32 [B, max_new_tokens]; entries past lengths[b] are padding
+    lengths: jax.Array  # int32 [B] generated tokens per row (EOS included)
+    stop_reason: jax.Array  # int32 [B]: STOP_EOS or STOP_LENGTH
+
+
+@flax.struct.dataclass
+class DecodeState:
+    step: jax.Array  # int32 scalar
+    out: jax.Array  # int32 [B, max_new]
+    n_out: jax.Array  # int32 [B]
+    done: jax.Array  # bool [B]
+    stop_reason: jax.Array  # int32 [B]
+    last: jax.Array  # int32 [B], the token to feed next
+    cache: object
+    rng: jax.Array
+
+
+def check_fits(prompt_lengths, max_new_tokens: int, capacity: int, config: LlamaConfig, extra: int = 0):
+    """Raise before compiling if a prompt plus its new tokens cannot fit."""
+    lengths = np.asarray(prompt_lengths)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if lengths.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    need = int(lengths.max()) + max_new_tokens + extra
+    if need > capacity:
+        raise ValueError(
+            f"prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens}"
+            + (f" + {extra} speculative slots" if extra else "")
+            + f" = {need} exceeds the cache length {capacity}; raise cache_len or shorten the prompt")
+    if need > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt + new tokens = {need} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}")
+
+
+def prefill(params: Params, config: LlamaConfig, tokens, lengths, cache, opts: ForwardOptions):
+    """Exact attention over right-padded prompts [B, T]; -> (last-position logits [B, V], cache)."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = cache.with_prompt_lengths(lengths)
+    hidden, cache = forward(params, config, tokens, positions, cache, prefill=True, opts=opts)
+    logits = lm_logits(params, gather_rows(hidden, lengths - 1), opts)
+    return logits, cache
+
+
+def is_eos(tokens, eos_ids: tuple[int, ...]):
+    if not eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "cache_spec",
+                                             "eos_ids", "opts"))
+def _generate(params, tokens, lengths, rng, *, config, max_new_tokens, sampling, cache_spec, eos_ids,
+              opts):
+    b = tokens.shape[0]
+    cache = cache_spec.init(config, b)
+    logits, cache = prefill(params, config, tokens, lengths, cache, opts)
+    rng, key = jax.random.split(rng)
+    first = sample(key, logits, sampling)
+    eos = is_eos(first, eos_ids)
+    done = eos | (max_new_tokens == 1)
+    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    state = DecodeState(step=jnp.int32(1), out=out, n_out=jnp.ones((b,), jnp.int32), done=done,
+                        stop_reason=jnp.where(eos, STOP_EOS, jnp.where(done, STOP_LENGTH, RUNNING)),
+                        last=first, cache=cache, rng=rng)
+
+    def cond(s: DecodeState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        pos = s.cache.lengths  # the fed token's position
+        hidden, cache = forward(params, config, s.last[:, None], pos[:, None], s.cache, opts=opts)
+        logits = lm_logits(params, hidden[:, 0], opts)
+        rng, key = jax.random.split(s.rng)
+        tok = sample(key, logits, sampling)
+        live = ~s.done
+        cache = cache.commit(s.cache.lengths + live.astype(jnp.int32))
+        out = s.out.at[jnp.arange(b), s.n_out].set(jnp.where(live, tok, s.out[jnp.arange(b), s.n_out]),
+                                                   mode="drop")
+        n_out = s.n_out + live
+        eos = live & is_eos(tok, eos_ids)
+        full = live & (n_out >= max_new_tokens)
+        reason = jnp.where(eos, STOP_EOS, jnp.where(full, STOP_LENGTH, s.stop_reason))
+        return DecodeState(step=s.step + 1, out=out, n_out=n_out, done=s.done | eos | full,
+                           stop_reason=reason, last=jnp.where(live, tok, s.last), cache=cache, rng=rng)
+
+    s = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(tokens=s.out, lengths=s.n_out, stop_reason=s.stop_reason)
+
+
+def generate(params: Params, config: LlamaConfig, tokens, lengths, *, max_new_tokens: int,
+             cache_spec: CacheSpec, sampling: SamplingParams = GREEDY, rng=None,
+             eos_ids: tuple[int, ...] | None = None, opts: ForwardOptions = DEFAULT_OPTIONS) -> GenerateOutput:
+    """Decode up to max_new_tokens per row after right-padded prompts.
+
+    tokens: int32 [B, T] prompts, right padded; lengths: int32 [B] true lengths.
+    cache_spec: which cache (full precision or hierarchical INT8) and its length.
+    eos_ids: stop tokens (default: config.eos_token_ids); () never stops early.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+        raise ValueError(f"tokens must be [B, T] and lengths [B], got {tokens.shape} and {lengths.shape}")
+    check_fits(lengths, max_new_tokens, cache_spec.capacity, config)
+    if np.asarray(lengths).max() > tokens.shape[1]:
+        raise ValueError("a prompt length exceeds the padded prompt width")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    eos = tuple(config.eos_token_ids) if eos_ids is None else tuple(eos_ids)
+    return _generate(params, tokens, lengths, rng, config=config, max_new_tokens=max_new_tokens,
+                     sampling=sampling, cache_spec=cache_spec, eos_ids=eos, opts=opts)

@@ -1,0 +1,233 @@
+"""The hierarchical KV cache shared by draft and target (QuantSpec).
+
+Per layer: INT4 upper and lower planes of an INT8 code with float16 scales/minima
+(`kv_quant`), plus a full-precision buffer of recent tokens. The draft reads the upper
+plane, the target both planes; both read the buffer.
+
+The view rule (see `pallas_kernels.hier_attention`): a query at position p reads
+tokens [0, Q) from the planes and [Q, p] from the buffer, Q = G*max(0, (p+1)//G - 1).
+Because the view depends on the query position alone, a verify pass over gamma+1 tokens
+sees exactly what gamma+1 one-token steps would: greedy speculative decoding is lossless
+against autoregressive decoding over this same cache.
+
+Invariants after `commit(lengths)` (per row, L = committed tokens):
+  planes hold every complete group [0, G*(L//G)) of final (target) K/V,
+  the buffer holds positions [buf_start, L) with buf_start = G*max(0, L//G - 1), i.e.
+  between G and 2G-1 committed tokens, and room for `spec_room` speculative ones.
+A group is quantized when it completes (commit), and the buffer shifts by G when
+buf_start moves: the paper's flush, done inside the decode loop under `lax.cond`.
+Rollback after a rejection is only a smaller length.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.hier_attention import hier_attention_reference
+from qspec_jax import kv_quant
+from qspec_jax.attention import causal_prefill_attention
+from qspec_jax.config import LlamaConfig
+from qspec_jax.kv_cache import per_query, write_rows
+
+Array = jax.Array
+DRAFT, TARGET = "draft", "target"
+
+
+@flax.struct.dataclass
+class HierLayer:
+    k_upper: Array  # uint8 [B, KVH, Sq, D/2]
+    k_lower: Array  # uint8 [B, KVH, Sq, D/2]
+    k_scale: Array  # f16 [B, KVH, Sq/G, D]
+    k_min: Array  # f16 [B, KVH, Sq/G, D]
+    v_upper: Array  # uint8 [B, KVH, Sq, D/2]
+    v_lower: Array  # uint8 [B, KVH, Sq, D/2]
+    v_scale: Array  # f16 [B, KVH, Sq, D/Gv]
+    v_min: Array  # f16 [B, KVH, Sq, D/Gv]
+    buf_k: Array  # [B, KVH, Sb, D] full precision
+    buf_v: Array  # [B, KVH, Sb, D]
+
+
+def buffer_start(lengths, group_size: int):
+    return group_size * jnp.maximum(lengths // group_size - 1, 0)
+
+
+def _slice_rows(x, start, size, axis):
+    return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, axis=axis - 1))(x, start)
+
+
+def _update_rows(x, upd, start, axis):
+    def one(r, u, s):
+        idx = [0] * r.ndim
+        idx[axis - 1] = s
+        return jax.lax.dynamic_update_slice(r, u.astype(r.dtype), idx)
+
+    return jax.vmap(one)(x, upd, start)
+
+
+@flax.struct.dataclass
+class HierCache:
+    layers: tuple[HierLayer, ...]
+    lengths: Array  # int32 [B] committed tokens
+    group_size: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].k_upper.shape[2]
+
+    @property
+    def buffer_slots(self) -> int:
+        return self.layers[0].buf_k.shape[2]
+
+    @property
+    def buf_start(self):
+        return buffer_start(self.lengths, self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(self.layers)))
+
+    def with_prompt_lengths(self, lengths) -> "HierCache":
+        """Set the lengths a following prefill forward fills the cache up to."""
+        return self.replace(lengths=lengths.astype(jnp.int32))
+
+    # -- attention -------------------------------------------------------------------
+
+    def attend(self, layer, q, k, v, positions, *, prefill, view=TARGET, opts):
+        if view not in (DRAFT, TARGET, None):
+            raise ValueError(f"hierarchical cache view must be 'draft' or 'target', got {view!r}")
+        lc = self.layers[layer]
+        kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]
+        if prefill:
+            out = causal_prefill_attention(q, k, v, block=opts.prefill_block)
+            lc = self._fill_from_prompt(lc, kt, vt)
+        else:
+            bs = self.buf_start
+            slot = positions[:, 0] - bs
+            lc = lc.replace(buf_k=write_rows(lc.buf_k, kt, slot), buf_v=write_rows(lc.buf_v, vt, slot))
+            out = self._read(lc, q, positions, bs, use_lower=view != DRAFT, opts=opts)
+        layers = self.layers[:layer] + (lc,) + self.layers[layer + 1:]
+        return out, self.replace(layers=layers)
+
+    def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts):
+        g = self.group_size
+        if opts.use_pallas() and not opts.exact_rows:
+            from pallas_kernels.hier_attention import hier_attention_auto
+
+            fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
+                qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
+                lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower, backend="pallas")
+        else:
+            fn = lambda qq, pp: hier_attention_reference(  # noqa: E731
+                qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
+                lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower)
+        if opts.exact_rows:
+            return per_query(fn, q, positions)
+        return fn(q, positions)
+
+    # -- filling and flushing --------------------------------------------------------
+
+    def _fill_from_prompt(self, lc: HierLayer, kt, vt) -> HierLayer:
+        """Quantize every group of the prompt and copy each row's buffer window."""
+        g, sb = self.group_size, self.buffer_slots
+        t = kt.shape[2]
+        tp = -(-t // g) * g
+        if tp > self.capacity:
+            raise ValueError(f"prompt width {t} exceeds the cache length {self.capacity}")
+        pad = ((0, 0), (0, 0), (0, tp - t), (0, 0))
+        ku, kl, ks, km = kv_quant.quantize_keys(jnp.pad(kt, pad), g)
+        vu, vl, vs, vm = kv_quant.quantize_values(jnp.pad(vt, pad), g)
+        z = (0, 0, 0, 0)
+        dus = jax.lax.dynamic_update_slice
+        lc = lc.replace(
+            k_upper=dus(lc.k_upper, ku, z), k_lower=dus(lc.k_lower, kl, z),
+            k_scale=dus(lc.k_scale, ks, z), k_min=dus(lc.k_min, km, z),
+            v_upper=dus(lc.v_upper, vu, z), v_lower=dus(lc.v_lower, vl, z),
+            v_scale=dus(lc.v_scale, vs, z), v_min=dus(lc.v_min, vm, z))
+        bs = self.buf_start
+        wide = ((0, 0), (0, 0), (0, sb), (0, 0))
+        return lc.replace(buf_k=_slice_rows(jnp.pad(kt, wide), bs, sb, 2).astype(lc.buf_k.dtype),
+                          buf_v=_slice_rows(jnp.pad(vt, wide), bs, sb, 2).astype(lc.buf_v.dtype))
+
+    def commit(self, lengths) -> "HierCache":
+        """Make lengths[b] tokens final: quantize a group that completed, shift the buffer.
+
+        A round may add at most G tokens per row (gamma + 1 <= G), so at most one group
+        completes. Runs the flush under lax.cond only when some row needs it.
+        """
+        g = self.group_size
+        old, new = self.lengths, lengths.astype(jnp.int32)
+        completes = (new // g) > (old // g)
+        cache = self.replace(lengths=new)
+
+        def flush(layers):
+            return tuple(self._flush_layer(lc, old, new, completes) for lc in layers)
+
+        layers = jax.lax.cond(jnp.any(completes), flush, lambda ls: ls, self.layers)
+        return cache.replace(layers=layers)
+
+    def _flush_layer(self, lc: HierLayer, old, new, completes) -> HierLayer:
+        g = self.group_size
+        bs_old, bs_new = buffer_start(old, g), buffer_start(new, g)
+        start = g * (old // g)  # absolute position of the completing group
+        off = start - bs_old  # its buffer offset
+        kg = _slice_rows(lc.buf_k, off, g, 2)  # [B, KVH, G, D]
+        vg = _slice_rows(lc.buf_v, off, g, 2)
+        ku, kl, ks, km = kv_quant.quantize_keys(kg, g)
+        vu, vl, vs, vm = kv_quant.quantize_values(vg, g)
+
+        def put(store, upd, pos):
+            cur = _slice_rows(store, pos, upd.shape[2], 2)
+            sel = jnp.where(completes[:, None, None, None], upd.astype(store.dtype), cur)
+            return _update_rows(store, sel, pos, 2)
+
+        lc = lc.replace(
+            k_upper=put(lc.k_upper, ku, start), k_lower=put(lc.k_lower, kl, start),
+            k_scale=put(lc.k_scale, ks, start // g), k_min=put(lc.k_min, km, start // g),
+            v_upper=put(lc.v_upper, vu, start), v_lower=put(lc.v_lower, vl, start),
+            v_scale=put(lc.v_scale, vs, start), v_min=put(lc.v_min, vm, start))
+        shift = (bs_new - bs_old)[:, None, None, None] > 0
+
+        def shifted(buf):
+            return jnp.where(shift, jnp.roll(buf, -g, axis=2), buf)
+
+        return lc.replace(buf_k=shifted(lc.buf_k), buf_v=shifted(lc.buf_v))
+
+
+def buffer_size(group_size: int, spec_room: int) -> int:
+    """2G committed slots + room for speculative tokens, rounded up to 16."""
+    return -(-(2 * group_size + spec_room) // 16) * 16
+
+
+def init_hier_cache(config: LlamaConfig, batch: int, capacity: int, *, group_size: int = 128,
+                    spec_room: int = 16, dtype=jnp.bfloat16) -> HierCache:
+    """An empty hierarchical cache for `capacity` tokens per row.
+
+    spec_room: tokens a single forward may add beyond the committed length (gamma + 1);
+      it must not exceed group_size.
+    """
+    d, kvh = config.head_dim, config.num_kv_heads
+    if group_size < 2 or group_size % 2:
+        raise ValueError(f"KV group size must be even and >= 2, got {group_size}")
+    if capacity % group_size:
+        raise ValueError(f"cache length {capacity} is not a multiple of the KV group size {group_size}")
+    if not 1 <= spec_room <= group_size:
+        raise ValueError(f"spec_room={spec_room} must be between 1 and the KV group size {group_size}")
+    gv = kv_quant.value_group_size(d, group_size)
+    sb = buffer_size(group_size, spec_room)
+    sq = capacity
+
+    def z(shape, dt):
+        return jnp.zeros((batch, kvh) + shape, dt)
+
+    def layer():
+        return HierLayer(
+            k_upper=z((sq, d // 2), jnp.uint8), k_lower=z((sq, d // 2), jnp.uint8),
+            k_scale=z((sq // group_size, d), jnp.float16), k_min=z((sq // group_size, d), jnp.float16),
+            v_upper=z((sq, d // 2), jnp.uint8), v_lower=z((sq, d // 2), jnp.uint8),
+            v_scale=z((sq, d // gv), jnp.float16), v_min=z((sq, d // gv), jnp.float16),
+            buf_k=z((sb, d), dtype), buf_v=z((sb, d), dtype))
+
+    return HierCache(layers=tuple(layer() for _ in range(config.num_layers)),
+                     lengths=jnp.zeros((batch,), jnp.int32), group_size=group_size)

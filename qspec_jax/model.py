@@ -1,0 +1,233 @@
+"""A pure-functional Llama-family transformer (Llama 2/3/3.1/3.2, Qwen2 q/k/v bias).
+
+Parameters are a `Params` pytree; caches are pytrees passed in and returned. Layers are
+unrolled (a tuple of per-layer params, not a scanned stack): on the H100 a scanned stack
+with a stacked cache moved ~3x the bytes (see docs/design.md).
+
+Data path: tokens -> embed -> [rms_norm -> q/k/v -> rope -> cache.attend -> o -> +
+rms_norm -> swiglu mlp -> +] x L -> final rms_norm -> hidden. `lm_logits` turns hidden
+states into logits, so callers pick the positions they need (prefill of 128K tokens
+computes logits for one position per row, not 128K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.int4_matmul import int4_matmul_reference
+from qspec_jax.config import LlamaConfig
+from qspec_jax.quant_weights import QuantizedWeight
+from qspec_jax.rope import apply_rope, rope_tables
+
+Array = jax.Array
+Weight = Any  # jax.Array [in, out] or QuantizedWeight
+
+
+@flax.struct.dataclass
+class LayerParams:
+    attn_norm: Array  # [hidden]
+    wq: Weight  # [hidden, heads*head_dim]
+    wk: Weight  # [hidden, kv_heads*head_dim]
+    wv: Weight  # [hidden, kv_heads*head_dim]
+    wo: Weight  # [heads*head_dim, hidden]
+    mlp_norm: Array  # [hidden]
+    w_gate: Weight  # [hidden, intermediate]
+    w_up: Weight  # [hidden, intermediate]
+    w_down: Weight  # [intermediate, hidden]
+    bq: Array | None = None  # Qwen2 biases
+    bk: Array | None = None
+    bv: Array | None = None
+
+
+@flax.struct.dataclass
+class Params:
+    embed: Array  # [vocab, hidden]
+    layers: tuple[LayerParams, ...]
+    final_norm: Array  # [hidden]
+    lm_head: Weight | None = None  # [hidden, vocab]; None when tied to embed
+
+
+LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+BIAS_FIELDS = ("bq", "bk", "bv")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOptions:
+    """Static choices of implementation (never change the function computed).
+
+    backend: "reference" (jnp, any device), "pallas" (GPU kernels) or "auto".
+    exact_rows: compute token-wise contractions one token at a time, so that a pass over
+      T tokens gives bitwise the numbers of T one-token passes (CPU float32 lossless tests).
+    prefill_block: query/key block of the exact prefill attention.
+    """
+
+    backend: str = "auto"
+    exact_rows: bool = False
+    prefill_block: int = 1024
+
+    def use_pallas(self) -> bool:
+        if self.backend == "auto":
+            return jax.default_backend() == "gpu"
+        if self.backend not in ("pallas", "reference"):
+            raise ValueError(f"backend must be 'auto', 'pallas' or 'reference', got {self.backend!r}")
+        return self.backend == "pallas"
+
+
+DEFAULT_OPTIONS = ForwardOptions()
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Flat name -> shape of every parameter (the checkpoint contract)."""
+    h, hd = config.hidden_size, config.head_dim
+    qd, kd, i = config.num_heads * hd, config.num_kv_heads * hd, config.intermediate_size
+    shapes = {"embed": (config.vocab_size, h), "final_norm": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (h, config.vocab_size)
+    per = {"attn_norm": (h,), "mlp_norm": (h,), "wq": (h, qd), "wk": (h, kd), "wv": (h, kd),
+           "wo": (qd, h), "w_gate": (h, i), "w_up": (h, i), "w_down": (i, h)}
+    if config.attention_bias:
+        per.update(bq=(qd,), bk=(kd,), bv=(kd,))
+    for n in range(config.num_layers):
+        for k, s in per.items():
+            shapes[f"layers.{n}.{k}"] = s
+    return shapes
+
+
+def params_from_flat(flat: dict[str, Any], config: LlamaConfig, dtype=jnp.bfloat16) -> Params:
+    """Flat dict of arrays (see `expected_shapes`) -> Params on device in `dtype`."""
+    shapes = expected_shapes(config)
+    missing = sorted(set(shapes) - set(flat))
+    if missing:
+        raise ValueError(f"params lack {len(missing)} tensors, e.g. {missing[:3]}")
+    for name, shape in shapes.items():
+        if tuple(flat[name].shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(flat[name].shape)}, config expects {shape}")
+
+    def get(name):
+        return jnp.asarray(flat[name], dtype)
+
+    layers = []
+    for n in range(config.num_layers):
+        kw = {f: get(f"layers.{n}.{f}") for f in LAYER_FIELDS}
+        if config.attention_bias:
+            kw.update({f: get(f"layers.{n}.{f}") for f in BIAS_FIELDS})
+        layers.append(LayerParams(**kw))
+    return Params(embed=get("embed"), layers=tuple(layers), final_norm=get("final_norm"),
+                  lm_head=None if config.tie_word_embeddings else get("lm_head"))
+
+
+def params_to_flat(params: Params) -> dict[str, Any]:
+    """Inverse of `params_from_flat` for dense params."""
+    flat = {"embed": params.embed, "final_norm": params.final_norm}
+    if params.lm_head is not None:
+        flat["lm_head"] = params.lm_head
+    for n, layer in enumerate(params.layers):
+        for f in LAYER_FIELDS + BIAS_FIELDS:
+            val = getattr(layer, f)
+            if val is not None:
+                flat[f"layers.{n}.{f}"] = val
+    return flat
+
+
+def init_random_params(config: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.05) -> Params:
+    """Random params with non-trivial norms and biases (for tests and benchmarks)."""
+    shapes = expected_shapes(config)
+    keys = jax.random.split(key, len(shapes))
+    flat = {}
+    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+        if name.endswith("norm"):
+            flat[name] = 1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32)
+        else:
+            flat[name] = scale * jax.random.normal(k, shape, jnp.float32)
+    return params_from_flat(flat, config, dtype)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def rms_norm(x, weight, eps: float):
+    """Like transformers' LlamaRMSNorm: normalize in float32, scale in x's dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def linear(x, w: Weight, opts: ForwardOptions = DEFAULT_OPTIONS, out_dtype=None):
+    """x [..., in] @ w [in, out]; w may be a QuantizedWeight (the draft's INT4)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if opts.exact_rows:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, x.shape[-1])
+        one = dataclasses.replace(opts, exact_rows=False)
+        out = jax.lax.map(lambda r: linear(r[None], w, one, out_dtype)[0], rows)
+        return out.reshape(*lead, out.shape[-1])
+    if isinstance(w, QuantizedWeight):
+        if opts.use_pallas():
+            from pallas_kernels.int4_matmul import int4_linear
+
+            return int4_linear(x, w, backend="pallas").astype(out_dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        y = int4_matmul_reference(rows, w.packed, w.scale, w.minimum, group_size=w.group_size)
+        return y.reshape(*x.shape[:-1], -1).astype(out_dtype)
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def mlp(x, layer: LayerParams, opts: ForwardOptions):
+    gate = linear(x, layer.w_gate, opts)
+    up = linear(x, layer.w_up, opts)
+    return linear(jax.nn.silu(gate) * up, layer.w_down, opts)
+
+
+def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, prefill: bool = False,
+            view=None, opts: ForwardOptions = DEFAULT_OPTIONS):
+    """Run the transformer over new tokens, writing their K/V into `cache`.
+
+    tokens, positions: int32 [B, T]; positions are absolute (row b's t-th new token).
+    prefill=True: the tokens are a prompt starting at position 0 (right padded); attention
+      is exact over the prompt and the cache is filled from scratch.
+    view: how the cache is read (cache-type specific: target/draft/streaming).
+    Returns (hidden [B, T, hidden] after the final norm, cache). Lengths are not changed:
+    the caller commits how many tokens count.
+    """
+    x = params.embed[tokens]
+    cos, sin = rope_tables(config, positions)
+    b, t = tokens.shape
+    hd = config.head_dim
+    for n, layer in enumerate(params.layers):
+        h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
+        q = linear(h, layer.wq, opts)
+        k = linear(h, layer.wk, opts)
+        v = linear(h, layer.wv, opts)
+        if layer.bq is not None:
+            q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
+        q = apply_rope(q.reshape(b, t, config.num_heads, hd), cos, sin)
+        k = apply_rope(k.reshape(b, t, config.num_kv_heads, hd), cos, sin)
+        v = v.reshape(b, t, config.num_kv_heads, hd)
+        attn, cache = cache.attend(n, q, k, v, positions, prefill=prefill, view=view, opts=opts)
+        x = x + linear(attn.reshape(b, t, -1), layer.wo, opts)
+        x = x + mlp(rms_norm(x, layer.mlp_norm, config.rms_norm_eps), layer, opts)
+    return rms_norm(x, params.final_norm, config.rms_norm_eps), cache
+
+
+def lm_logits(params: Params, hidden, opts: ForwardOptions = DEFAULT_OPTIONS):
+    """hidden [..., hidden] -> float32 logits [..., vocab]."""
+    head = params.lm_head if params.lm_head is not None else params.embed.T
+    return linear(hidden, head, opts, out_dtype=jnp.float32)
+
+
+def gather_rows(x, index):
+    """x [B, T, ...], index int [B] -> x[b, index[b]]: [B, ...]."""
+    return jnp.take_along_axis(x, index.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
+
+
+def param_bytes(params) -> int:
+    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(params)))
