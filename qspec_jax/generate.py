@@ -69,6 +69,14 @@ def prefill(params: Params, config: LlamaConfig, tokens, lengths, cache, opts: F
     return logits, cache
 
 
+@functools.partial(jax.jit, static_argnames=("config", "cache_spec", "opts"))
+def prefill_cache(params: Params, config: LlamaConfig, tokens, lengths, *, cache_spec: CacheSpec,
+                  opts: ForwardOptions = DEFAULT_OPTIONS):
+    """A new cache filled with right-padded prompts -> (last-position logits [B, V], cache)."""
+    cache = cache_spec.init(config, tokens.shape[0])
+    return prefill(params, config, tokens, lengths, cache, opts)
+
+
 def is_eos(tokens, eos_ids: tuple[int, ...]):
     if not eos_ids:
         return jnp.zeros(tokens.shape, bool)

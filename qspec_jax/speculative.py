@@ -137,17 +137,30 @@ def accept_sampling(key, draft_tokens, draft_probs, target_logits, sp: SamplingP
     resid = jnp.maximum(p_n - q_n, 0.0)
     mass = resid.sum(-1, keepdims=True)
     resid = jnp.where(mass > 0, resid / jnp.where(mass > 0, mass, 1.0), p_n)
-    nxt = jax.random.categorical(k_res, jnp.log(jnp.maximum(resid, 1e-38)) + jnp.where(resid > 0, 0.0, -jnp.inf))
+    # log of a masked distribution: never log(0) (under jit on CPU, log(max(x, 1e-38))
+    # flushed the subnormal constant to zero and argmax met NaN)
+    logits = jnp.where(resid > 0, jnp.log(jnp.where(resid > 0, resid, 1.0)), -jnp.inf)
+    nxt = jax.random.categorical(k_res, logits)
     return n, nxt.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gamma", "max_new_tokens", "method", "cache_spec",
-                                             "sampling", "eos_ids", "opts"))
+_STATIC = ("config", "gamma", "max_new_tokens", "method", "cache_spec", "sampling", "eos_ids", "opts")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _speculative(target_params, draft_params, tokens, lengths, rng, *, config, gamma, max_new_tokens,
                  method, cache_spec, sampling, eos_ids, opts):
-    b = tokens.shape[0]
-    cache = cache_spec.init(config, b)
+    cache = cache_spec.init(config, tokens.shape[0])
     logits, cache = prefill(target_params, config, tokens, lengths, cache, opts)
+    return _spec_loop(target_params, draft_params, cache, logits, rng, config=config, gamma=gamma,
+                      max_new_tokens=max_new_tokens, method=method, cache_spec=cache_spec, sampling=sampling,
+                      eos_ids=eos_ids, opts=opts)
+
+
+def _spec_loop(target_params, draft_params, cache, logits, rng, *, config, gamma, max_new_tokens, method,
+               cache_spec, sampling, eos_ids, opts):
+    """The decode loop from a prefilled cache and the prompt's last-position logits [B, V]."""
+    b = logits.shape[0]
     rng, key = jax.random.split(rng)
     first = sample(key, logits, sampling)
     eos = is_eos(first, eos_ids)
@@ -258,6 +271,12 @@ def speculative_generate(target_params: Params, draft_params: Params, config: Ll
     return _speculative(target_params, draft_params, tokens, lengths, rng, config=config, gamma=int(gamma),
                         max_new_tokens=max_new_tokens, method=method, cache_spec=cache_spec,
                         sampling=sampling, eos_ids=eos, opts=opts)
+
+
+speculative_from_prefill = jax.jit(_spec_loop, static_argnames=_STATIC)
+speculative_from_prefill.__doc__ = """Decode loop only, from `prefill_cache` output: lets an evaluation
+prefill once and sweep gamma or drafts. Same arguments as `_spec_loop` (no validation:
+call `validate_gamma` and `check_fits` first)."""
 
 
 def _check_draft_matches(target: Params, draft: Params, config: LlamaConfig) -> None:
