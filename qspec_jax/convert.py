@@ -193,15 +193,20 @@ def _convert_tensors(
 # Entry point
 # --------------------------------------------------------------------------------------
 
-def load_source(src: str | os.PathLike, *, progress: bool = True):
-    """`(LlamaConfig, flat params, tokenizer)` from a HF model directory or a `.gguf` file."""
+def load_source(src: str | os.PathLike, *, progress: bool = True, with_tokenizer: bool = True):
+    """`(LlamaConfig, flat params, tokenizer)` from a HF model directory or a `.gguf` file.
+
+    progress: show a tqdm bar (stderr) over the tensors.
+    with_tokenizer=False: do not build the tokenizer (returned as None); for HF directories
+    that carry no tokenizer files (e.g. tiny test models).
+    """
     path = Path(src)
     if not path.exists():
         raise CheckpointError(f"checkpoint source not found: {src}")
     if path.is_dir():
-        return load_hf_dir(path, progress=progress)
+        return load_hf_dir(path, progress=progress, with_tokenizer=with_tokenizer)
     if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-        return load_gguf(path, progress=progress)
+        return load_gguf(path, progress=progress, with_tokenizer=with_tokenizer)
     raise CheckpointError(
         f"{src}: not a Hugging Face model directory nor a .gguf file"
     )
@@ -272,7 +277,7 @@ class _SafetensorsFile:
 _HF_IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def load_hf_dir(path: str | os.PathLike, *, progress: bool = True):
+def load_hf_dir(path: str | os.PathLike, *, progress: bool = True, with_tokenizer: bool = True):
     """Convert a Hugging Face model directory."""
     d = Path(path)
     if not d.is_dir():
@@ -285,6 +290,7 @@ def load_hf_dir(path: str | os.PathLike, *, progress: bool = True):
             hf = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: cannot read ({e})") from None
+    _merge_generation_eos(hf, d / "generation_config.json")
     try:
         config = LlamaConfig.from_hf(hf)
     except ConfigError as e:
@@ -320,7 +326,7 @@ def load_hf_dir(path: str | os.PathLike, *, progress: bool = True):
     available = {n: (r.shape(n), r.dtype(n)) for n, r in location.items()}
     names = _source_names(config, 0)
     supported = _safetensors_dtypes()
-    for flat, src in names.items():
+    for src in names.values():
         if src in available and available[src][1] not in supported:
             raise CheckpointError(
                 f"{where(src)}: tensor {src} has unsupported dtype {available[src][1]} "
@@ -332,8 +338,29 @@ def load_hf_dir(path: str | os.PathLike, *, progress: bool = True):
 
     params = _convert_tensors(config, names, available, load, where, ignorable, None,
                               progress, f"converting {d.name}")
-    tokenizer = _load_hf_tokenizer(d)
+    tokenizer = _load_hf_tokenizer(d) if with_tokenizer else None
     return config, params, tokenizer
+
+
+def _as_list(v: Any) -> list:
+    return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _merge_generation_eos(hf: dict[str, Any], gen_path: Path) -> None:
+    """Add generation_config.json's eos ids (e.g. Llama-3-Instruct's <|eot_id|>) to the config's."""
+    if not gen_path.is_file():
+        return
+    try:
+        with open(gen_path) as f:
+            gen = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{gen_path}: cannot read ({e})") from None
+    eos = _as_list(hf.get("eos_token_id"))
+    for i in _as_list(gen.get("eos_token_id") if isinstance(gen, dict) else None):
+        if i not in eos:
+            eos.append(i)
+    if eos:
+        hf["eos_token_id"] = eos[0] if len(eos) == 1 else eos
 
 
 def _find_safetensors(d: Path) -> list[Path]:
@@ -393,7 +420,7 @@ def _f32_round(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def load_gguf(path: str | os.PathLike, *, progress: bool = True):
+def load_gguf(path: str | os.PathLike, *, progress: bool = True, with_tokenizer: bool = True):
     """Convert a llama.cpp GGUF file (architecture llama or qwen2)."""
     import gguf
 
@@ -451,7 +478,7 @@ def load_gguf(path: str | os.PathLike, *, progress: bool = True):
         config, names, available, load, lambda _n: str(p),
         lambda n: n in _GGUF_IGNORABLE, transform, progress, f"converting {p.name}",
     )
-    tokenizer = _gguf_tokenizer(meta, arch, p)
+    tokenizer = _gguf_tokenizer(meta, arch, p) if with_tokenizer else None
     return config, params, tokenizer
 
 

