@@ -83,15 +83,26 @@ def is_eos(tokens, eos_ids: tuple[int, ...]):
     return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
+def emit(on_tokens, tokens, counts):
+    """Hand new tokens [B, k] (counts [B] of them valid) to a host callback, if any.
+
+    Used only for streaming text to a terminal; benchmarks pass none, so the loop never
+    waits on the host.
+    """
+    if on_tokens is not None:
+        jax.debug.callback(on_tokens, tokens, counts, ordered=True)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "cache_spec",
-                                             "eos_ids", "opts"))
+                                             "eos_ids", "opts", "on_tokens"))
 def _generate(params, tokens, lengths, rng, *, config, max_new_tokens, sampling, cache_spec, eos_ids,
-              opts):
+              opts, on_tokens=None):
     b = tokens.shape[0]
     cache = cache_spec.init(config, b)
     logits, cache = prefill(params, config, tokens, lengths, cache, opts)
     rng, key = jax.random.split(rng)
     first = sample(key, logits, sampling)
+    emit(on_tokens, first[:, None], jnp.ones((b,), jnp.int32))
     eos = is_eos(first, eos_ids)
     done = eos | (max_new_tokens == 1)
     out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
@@ -109,6 +120,7 @@ def _generate(params, tokens, lengths, rng, *, config, max_new_tokens, sampling,
         rng, key = jax.random.split(s.rng)
         tok = sample(key, logits, sampling)
         live = ~s.done
+        emit(on_tokens, tok[:, None], live.astype(jnp.int32))
         cache = cache.commit(s.cache.lengths + live.astype(jnp.int32))
         out = s.out.at[jnp.arange(b), s.n_out].set(jnp.where(live, tok, s.out[jnp.arange(b), s.n_out]),
                                                    mode="drop")
@@ -125,12 +137,15 @@ def _generate(params, tokens, lengths, rng, *, config, max_new_tokens, sampling,
 
 def generate(params: Params, config: LlamaConfig, tokens, lengths, *, max_new_tokens: int,
              cache_spec: CacheSpec, sampling: SamplingParams = GREEDY, rng=None,
-             eos_ids: tuple[int, ...] | None = None, opts: ForwardOptions = DEFAULT_OPTIONS) -> GenerateOutput:
+             eos_ids: tuple[int, ...] | None = None, opts: ForwardOptions = DEFAULT_OPTIONS,
+             on_tokens=None) -> GenerateOutput:
     """Decode up to max_new_tokens per row after right-padded prompts.
 
     tokens: int32 [B, T] prompts, right padded; lengths: int32 [B] true lengths.
     cache_spec: which cache (full precision or hierarchical INT8) and its length.
     eos_ids: stop tokens (default: config.eos_token_ids); () never stops early.
+    on_tokens(tokens [B, k], counts [B]): optional host callback for streaming (costs a
+      host round trip per step; leave None when timing).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -142,4 +157,4 @@ def generate(params: Params, config: LlamaConfig, tokens, lengths, *, max_new_to
     rng = jax.random.PRNGKey(0) if rng is None else rng
     eos = tuple(config.eos_token_ids) if eos_ids is None else tuple(eos_ids)
     return _generate(params, tokens, lengths, rng, config=config, max_new_tokens=max_new_tokens,
-                     sampling=sampling, cache_spec=cache_spec, eos_ids=eos, opts=opts)
+                     sampling=sampling, cache_spec=cache_spec, eos_ids=eos, opts=opts, on_tokens=on_tokens)

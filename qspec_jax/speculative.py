@@ -27,7 +27,7 @@ import numpy as np
 
 from qspec_jax.cache_spec import CacheSpec
 from qspec_jax.config import LlamaConfig
-from qspec_jax.generate import RUNNING, STOP_EOS, STOP_LENGTH, check_fits, is_eos, prefill
+from qspec_jax.generate import RUNNING, STOP_EOS, STOP_LENGTH, check_fits, emit, is_eos, prefill
 from qspec_jax.hier_cache import DRAFT, TARGET
 from qspec_jax.kv_cache import StreamingView
 from qspec_jax.model import DEFAULT_OPTIONS, ForwardOptions, Params, forward, lm_logits
@@ -144,25 +144,27 @@ def accept_sampling(key, draft_tokens, draft_probs, target_logits, sp: SamplingP
     return n, nxt.astype(jnp.int32)
 
 
-_STATIC = ("config", "gamma", "max_new_tokens", "method", "cache_spec", "sampling", "eos_ids", "opts")
+_STATIC = ("config", "gamma", "max_new_tokens", "method", "cache_spec", "sampling", "eos_ids", "opts",
+           "on_tokens")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _speculative(target_params, draft_params, tokens, lengths, rng, *, config, gamma, max_new_tokens,
-                 method, cache_spec, sampling, eos_ids, opts):
+                 method, cache_spec, sampling, eos_ids, opts, on_tokens=None):
     cache = cache_spec.init(config, tokens.shape[0])
     logits, cache = prefill(target_params, config, tokens, lengths, cache, opts)
     return _spec_loop(target_params, draft_params, cache, logits, rng, config=config, gamma=gamma,
                       max_new_tokens=max_new_tokens, method=method, cache_spec=cache_spec, sampling=sampling,
-                      eos_ids=eos_ids, opts=opts)
+                      eos_ids=eos_ids, opts=opts, on_tokens=on_tokens)
 
 
 def _spec_loop(target_params, draft_params, cache, logits, rng, *, config, gamma, max_new_tokens, method,
-               cache_spec, sampling, eos_ids, opts):
+               cache_spec, sampling, eos_ids, opts, on_tokens=None):
     """The decode loop from a prefilled cache and the prompt's last-position logits [B, V]."""
     b = logits.shape[0]
     rng, key = jax.random.split(rng)
     first = sample(key, logits, sampling)
+    emit(on_tokens, first[:, None], jnp.ones((b,), jnp.int32))
     eos = is_eos(first, eos_ids)
     done = eos | (max_new_tokens == 1)
     width = max_new_tokens + gamma + 1
@@ -209,6 +211,7 @@ def _spec_loop(target_params, draft_params, cache, logits, rng, *, config, gamma
         count = jnp.minimum(count, max_new_tokens - s.n_out)
         live = ~s.done
         count = jnp.where(live, count, 0)
+        emit(on_tokens, cand, count)
         write = idx[None] < count[:, None]
         cols = s.n_out[:, None] + idx[None]
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], cols.shape)
@@ -240,7 +243,7 @@ def speculative_generate(target_params: Params, draft_params: Params, config: Ll
                          gamma: int, max_new_tokens: int, cache_spec: CacheSpec,
                          method: SpecMethod | None = None, sampling: SamplingParams = GREEDY, rng=None,
                          eos_ids: tuple[int, ...] | None = None,
-                         opts: ForwardOptions = DEFAULT_OPTIONS) -> SpecOutput:
+                         opts: ForwardOptions = DEFAULT_OPTIONS, on_tokens=None) -> SpecOutput:
     """Speculative decoding of right-padded prompts.
 
     target_params: full-precision params; draft_params: the same model with INT4 weights
@@ -249,6 +252,7 @@ def speculative_generate(target_params: Params, draft_params: Params, config: Ll
     cache_spec: kind "int8" for QuantSpec, "fp" for StreamingLLM; its spec_room must be
       >= gamma + 1 and its capacity >= prompt + max_new_tokens + gamma + 1.
     Greedy sampling reproduces greedy decoding of the target over the same cache.
+    on_tokens(tokens [B, k], counts [B]): optional host callback for streaming.
     """
     method = SpecMethod.quantspec() if method is None else method
     if method.cache_kind != cache_spec.kind:
@@ -270,7 +274,7 @@ def speculative_generate(target_params: Params, draft_params: Params, config: Ll
     eos = tuple(config.eos_token_ids) if eos_ids is None else tuple(eos_ids)
     return _speculative(target_params, draft_params, tokens, lengths, rng, config=config, gamma=int(gamma),
                         max_new_tokens=max_new_tokens, method=method, cache_spec=cache_spec,
-                        sampling=sampling, eos_ids=eos, opts=opts)
+                        sampling=sampling, eos_ids=eos, opts=opts, on_tokens=on_tokens)
 
 
 speculative_from_prefill = jax.jit(_spec_loop, static_argnames=_STATIC)
