@@ -1,7 +1,7 @@
 # Two entry points, each doing all set-up on a fresh machine:
 #   make run    install, fetch + convert the default model, run QuantSpec generation
 #   make test   install, fetch + convert the default model, run the test suite
-PYTHON ?= python3
+PYTHON ?= $(shell command -v python3.12 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Write a short story about a lighthouse keeper who finds a message in a bottle.
@@ -23,4 +23,4 @@ run: model
 	$(PY) scripts/generate.py --speculative --chat --max-new-tokens 200 --prompt "$(PROMPT)"
 
 test: model
-	$(PY) -m pytest -q tests
+	QSPEC_REQUIRE_DEFAULT_MODEL=1 $(PY) -m pytest -q tests

@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""Decode-step benchmarks: the autoregressive baseline and QuantSpec's pieces.
+
+Random weights at a named shape (default Llama-3.1-8B), batch 1. For each context:
+  ar      autoregressive step, fp (bf16) KV cache: the baseline every speedup is against
+  draft   one QuantSpec draft step (INT4 weights, upper-plane KV + buffer)
+  verify  one target pass over gamma+1 tokens (bf16 weights, INT8 KV + buffer)
+  round   gamma draft steps + verify + accept + commit (one iteration of the real loop)
+  stream  one StreamingLLM draft step (bf16 weights, window of context/4)
+plus the prefill time of a prompt of the largest context, a device-copy ceiling measured in
+the same run, bytes each step must read, achieved bandwidth, and kernels per step.
+
+  python scripts/bench_decode.py --shape llama3-8b --contexts 32768 131072 --parts ar
+  python scripts/bench_decode.py --shape smollm2 --contexts 4096 8192 --parts ar
+Writes JSON to $OUT/bench_decode.json (if $OUT is set) and --json PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qspec_jax.cache_spec import CacheSpec  # noqa: E402
+from qspec_jax.config import LlamaConfig, RopeScaling  # noqa: E402
+from qspec_jax.draft import DraftRecipe, make_draft  # noqa: E402
+from qspec_jax.generate import prefill_cache  # noqa: E402
+from qspec_jax.model import ForwardOptions, forward, init_random_params, lm_logits, param_bytes  # noqa: E402
+from qspec_jax.sampling import GREEDY  # noqa: E402
+from qspec_jax.speculative import SpecMethod  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                             num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                             rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+                             max_position_embeddings=262144 + 1024),
+    "smollm2": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                           num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                           tie_word_embeddings=True, max_position_embeddings=8192 + 1024),
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=32, max_position_embeddings=8192),
+}
+
+
+def timed(fn, *args, repeats=5):
+    """Median seconds of fn(*args) after a warm-up call (blocks on the result)."""
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def copy_ceiling(nbytes=2 << 30):
+    """Device copy bandwidth, bytes read + written per second."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)  # elementwise: one read, one write
+    return 2 * nbytes / timed(f, x, repeats=10)
+
+
+def random_cache(spec: CacheSpec, config, context, key):
+    """A cache filled with random content and `context` committed tokens per row."""
+    cache = spec.init(config, 1)
+
+    def fill(x):
+        if x.dtype == jnp.uint8:
+            return jax.random.randint(key, x.shape, 0, 256, jnp.int32).astype(jnp.uint8)
+        if x.dtype == jnp.int32:
+            return x
+        return (0.5 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype)
+
+    cache = jax.tree_util.tree_map(fill, cache)
+    return cache.replace(lengths=jnp.full((1,), context, jnp.int32))
+
+
+def count_kernels(hlo_text: str) -> int:
+    """Kernel launches in optimized HLO: fusions, library calls and unfused data movement,
+    counted outside fused/reducer computations (a fori_loop body appears once)."""
+    import re
+
+    launch = re.compile(r"= [^=]*\b(fusion|custom-call|copy|dynamic-update-slice|scatter|gather|sort|dot|"
+                        r"convolution|reduce|all-reduce)\(")
+    n, skip = 0, False
+    for line in hlo_text.splitlines():
+        s = line.strip()
+        if s.endswith("{") and not s.startswith("ROOT"):
+            name = s.split()[1] if s.startswith("ENTRY") else s.split()[0]
+            skip = any(k in name for k in ("fused", "region", "fusion", "triton", "add", "max", "min"))
+            continue
+        if not skip and launch.search(s):
+            n += 1
+    return n
+
+
+def loop_time(compiled, args, n, *inputs):
+    """Median per-iteration seconds of a compiled n-iteration loop (first call = warm-up)."""
+    ts = []
+    for _ in range(args.repeats + 1):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(*inputs))
+        ts.append((time.perf_counter() - t) / n)
+    return float(np.median(ts[1:]))
+
+
+def spec_parts(args, config, params, draft, context, cap, key, opts, n, g):
+    """Draft step, verify pass, full round (QuantSpec) and StreamingLLM draft step."""
+    from qspec_jax.hier_cache import DRAFT, TARGET
+    from qspec_jax.kv_cache import StreamingView
+    from qspec_jax.speculative import speculative_from_prefill
+
+    out = {}
+    spec = CacheSpec(capacity=cap, kind="int8", dtype="bfloat16", group_size=args.kv_group, spec_room=g + 1)
+    cache = random_cache(spec, config, context, key)
+    out["int8_cache_bytes"] = cache.nbytes
+    tok = jnp.zeros((1,), jnp.int32)
+    if "draft" in args.parts:
+        @jax.jit
+        def draft_steps(p, cache, tok):
+            def body(i, c):
+                cache, tok = c
+                pos = cache.lengths[:, None] + i % g
+                h, cache = forward(p, config, tok[:, None], pos, cache, view=DRAFT, opts=opts)
+                return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
+            return jax.lax.fori_loop(0, n, body, (cache, tok))[1]
+        out["draft_ms"] = 1e3 * loop_time(draft_steps.lower(draft, cache, tok).compile(), args, n, draft, cache, tok)
+    if "verify" in args.parts:
+        feed = jnp.zeros((1, g + 1), jnp.int32)
+
+        @jax.jit
+        def verify_steps(p, cache, feed):
+            def body(i, c):
+                cache, acc = c
+                pos = cache.lengths[:, None] + jnp.arange(g + 1)
+                h, cache = forward(p, config, feed + acc, pos, cache, view=TARGET, opts=opts)
+                # a data dependency XLA cannot fold away (argmax < vocab, so this is 0)
+                return cache, jnp.argmax(lm_logits(p, h, opts), -1).astype(jnp.int32)[:, :1] // config.vocab_size
+            return jax.lax.fori_loop(0, n, body, (cache, jnp.zeros((1, 1), jnp.int32)))[1]
+        out["verify_ms"] = 1e3 * loop_time(verify_steps.lower(params, cache, feed).compile(), args, n, params,
+                                           cache, feed)
+    if "round" in args.parts:
+        logits = jax.random.normal(key, (1, config.vocab_size), jnp.float32)
+        rounds_fn = functools.partial(speculative_from_prefill, config=config, gamma=g, max_new_tokens=n + 1,
+                                      method=SpecMethod.quantspec(), cache_spec=spec, sampling=GREEDY, eos_ids=(),
+                                      opts=opts)
+        res = rounds_fn(params, draft, cache, logits, key)
+        rounds = int(res.stats.rounds[0])
+        out["round_ms"] = 1e3 * loop_time(lambda *a: rounds_fn(*a).tokens, args, rounds, params, draft, cache,
+                                          logits, key)
+        out["round_acceptance_random_weights"] = res.stats.summary(g)["acceptance_rate"]
+    if "stream" in args.parts:
+        fp = CacheSpec(capacity=cap, kind="fp", dtype="bfloat16", spec_room=g + 1)
+        fcache = random_cache(fp, config, context, key)
+        view = StreamingView(sink=4, window=max(64, context // 4))
+
+        @jax.jit
+        def stream_steps(p, cache, tok):
+            def body(i, c):
+                cache, tok = c
+                pos = cache.lengths[:, None] + i % g
+                h, cache = forward(p, config, tok[:, None], pos, cache, view=view, opts=opts)
+                return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
+            return jax.lax.fori_loop(0, n, body, (cache, tok))[1]
+        out["stream_draft_ms"] = 1e3 * loop_time(stream_steps.lower(params, fcache, tok).compile(), args, n, params,
+                                                 fcache, tok)
+        out["fp_cache_bytes"] = fcache.nbytes
+    print(f"# ctx {context}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if k.endswith("ms")), flush=True)
+    return out
+
+
+def kv_bytes_fp(config, s):
+    return 2 * config.num_layers * config.num_kv_heads * s * config.head_dim * 2
+
+
+def bench(args):
+    config = SHAPES[args.shape]
+    opts = ForwardOptions(backend=args.backend)
+    dev = jax.devices()[0]
+    key = jax.random.PRNGKey(0)
+    t0 = time.perf_counter()
+    params = init_random_params(config, key, jnp.bfloat16, scale=0.02)
+    wbytes = param_bytes(params)
+    print(f"# {dev.device_kind}: params {wbytes / 1e9:.2f} GB ready in {time.perf_counter() - t0:.1f}s", flush=True)
+    ceiling = copy_ceiling()
+    print(f"# copy ceiling {ceiling / 1e12:.2f} TB/s", flush=True)
+    draft = None
+    if {"draft", "round"} & set(args.parts):
+        draft = make_draft(params, DraftRecipe(group_size=args.weight_group))
+        dbytes_read = param_bytes(draft) - param_bytes(draft.embed)  # the embedding is gathered, not streamed
+    rows = []
+    n = args.steps
+    g = args.gamma
+    for context in args.contexts:
+        cap = context + n * (g + 1) + 2 * args.kv_group
+        res = {"context": context, "card": dev.device_kind}
+        if "ar" in args.parts:
+            spec = CacheSpec(capacity=cap, kind="fp", dtype="bfloat16", spec_room=1)
+            cache = random_cache(spec, config, context, key)
+
+            @functools.partial(jax.jit, donate_argnums=(1,))
+            def ar_steps(p, cache, tok):
+                def body(i, c):
+                    cache, tok = c
+                    pos = cache.lengths[:, None]
+                    h, cache = forward(p, config, tok[:, None], pos, cache, opts=opts)
+                    tok = jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
+                    return cache.commit(cache.lengths + 1), tok
+                return jax.lax.fori_loop(0, n, body, (cache, tok))
+
+            tok = jnp.zeros((1,), jnp.int32)
+            compiled = ar_steps.lower(params, cache, tok).compile()
+            kernels = count_kernels(compiled.as_text()) if args.count_kernels else None  # per loop body
+            ts = []
+            for _ in range(args.repeats + 1):
+                # chain the donated cache through calls; reset the length so context stays fixed
+                cache = cache.replace(lengths=jnp.full((1,), context, jnp.int32))
+                t = time.perf_counter()
+                cache, tok = compiled(params, cache, tok)
+                jax.block_until_ready(tok)
+                ts.append((time.perf_counter() - t) / n)
+            step = float(np.median(ts[1:]))
+            # bytes: all weights but the embedding (gathered rows), the KV cache read over the attended length
+            nbytes = wbytes - params.embed.size * 2 * (0 if config.tie_word_embeddings else 1) + kv_bytes_fp(config, context)
+            res.update(ar_ms=step * 1e3, ar_bytes=nbytes, ar_tbps=nbytes / step / 1e12,
+                       ar_frac_ceiling=nbytes / step / ceiling, kernels_per_step=kernels)
+            print(f"# ctx {context}: AR {step * 1e3:.3f} ms, {nbytes / step / 1e12:.2f} TB/s "
+                  f"({100 * nbytes / step / ceiling:.0f}% of copy)", flush=True)
+            del cache
+        if {"draft", "verify", "round", "stream"} & set(args.parts):
+            res.update(spec_parts(args, config, params, draft, context, cap, key, opts, n, g))
+        rows.append(res)
+    prefill = None
+    if args.prefill:
+        t_len = args.prefill
+        spec = CacheSpec(capacity=t_len + 256, kind="fp", dtype="bfloat16", spec_room=1)
+        toks = jax.random.randint(key, (1, t_len), 0, config.vocab_size, jnp.int32)
+        lens = jnp.full((1,), t_len, jnp.int32)
+        f = jax.jit(lambda p, t, l: prefill_cache(p, config, t, l, cache_spec=spec, opts=opts)[0])
+        secs = timed(f, params, toks, lens, repeats=2)
+        prefill = {"tokens": t_len, "seconds": secs, "tokens_per_s": t_len / secs}
+        print(f"# prefill {t_len} tokens: {secs:.2f} s ({t_len / secs:.0f} tok/s)", flush=True)
+    mem = dev.memory_stats() or {}
+    return {"shape": args.shape, "config": dataclasses.asdict(config), "card": dev.device_kind,
+            "date": time.strftime("%Y-%m-%d"), "copy_ceiling_tbps": ceiling / 1e12, "weight_bytes": wbytes,
+            "rows": rows, "prefill": prefill, "peak_bytes_in_use": mem.get("peak_bytes_in_use"),
+            "command": " ".join(sys.argv)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--parts", nargs="+", default=["ar"], choices=["ar", "draft", "verify", "round", "stream"])
+    p.add_argument("--steps", type=int, default=32, help="decode steps per timed loop")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--kv-group", type=int, default=128)
+    p.add_argument("--weight-group", type=int, default=128)
+    p.add_argument("--prefill", type=int, default=0, help="also time prefill of this many tokens")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--count-kernels", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    result = bench(args)
+    text = json.dumps(result, indent=1)
+    for path in filter(None, [args.json, os.path.join(os.environ["OUT"], f"bench_decode_{args.shape}.json")
+                              if os.environ.get("OUT") else None]):
+        with open(path, "w") as f:
+            f.write(text)
+    print(f"\n{result['card']}, copy ceiling {result['copy_ceiling_tbps']:.2f} TB/s")
+    print("| context | AR ms | AR TB/s | % copy | kernels | draft ms | verify ms | round ms | stream ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def f(r, k, fmt="{:.3f}"):
+        return fmt.format(r[k]) if r.get(k) is not None else ""
+    for r in result["rows"]:
+        print(f"| {r['context']} | {f(r, 'ar_ms')} | {f(r, 'ar_tbps', '{:.2f}')} | "
+              f"{f(r, 'ar_frac_ceiling', '{:.0%}')} | {f(r, 'kernels_per_step', '{}')} | {f(r, 'draft_ms')} | "
+              f"{f(r, 'verify_ms')} | {f(r, 'round_ms')} | {f(r, 'stream_draft_ms')} |")
+
+
+if __name__ == "__main__":
+    main()
