@@ -12,7 +12,16 @@ streams the packed bytes one group tile `[G/2, block_n]` at a time:
 The codes never reach memory as floats. With 16-bit activations the nibbles become
 floats by bit tricks, not conversions ("magic": bf16 bits 0x4300|c == 128 + c, f16
 bits 0x6400|c == 1024 + c); the offset is removed exactly through the group's x-sum.
-Split-K partials `[splits, M, N]` (f32) are summed by XLA.
+Split-K partials `[splits, M, N]` (f32) are summed by XLA. `prefetch` (default) loads
+step i+1 (tile, stats, x) before computing step i: Triton's pipeliner does not take
+loads that reach the dot through bit operations, and without it each program waits a
+full memory latency per group.
+
+Status (H100 80GB HBM3, jax 0.11.2, 2026-11-25; scripts/bench_kernels.py): correct on
+the GPU (bf16/f16/f32, ragged K and N, G = 32..256, M = 1..8); speed measured only
+before `prefetch` existed: M=1, K=4096, N=14336: 35 us (0.88 TB/s of INT4 bytes) vs
+bf16 x @ W 55 us (1.56x); K=14336, N=4096: 37 us vs 48 us. The 2.2 TB/s goal is not
+reached; `scripts/bench_kernels.py --sweep` has the block-size sweep still to run.
 
 `int4_linear` is the dispatcher a model calls with a `QuantizedWeight`.
 """
@@ -124,8 +133,9 @@ def _dot(a, b, *, trans_a=False, trans_b=False, precision=None):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _int4_kernel(xlo_ref, xhi_ref, xs_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, block_n,
-                 gpi, gps, cdt, magic, orient, n_ragged, split_out):
+def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, k, n, ng, g, block_n, gpi, gps, cdt, magic,
+                 orient, n_ragged, split_out, prefetch):
+    half = g // 2
     j = pl.program_id(0)
     sk = pl.program_id(1)
     col0 = pl.multiple_of(j * block_n, block_n)
@@ -134,6 +144,9 @@ def _int4_kernel(xlo_ref, xhi_ref, xs_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp
     g_begin = sk * gps
     g_end = jnp.minimum(g_begin + gps, ng)
     f32 = jnp.float32
+    xrow_mask = (jnp.arange(mp, dtype=jnp.int32) < m)[:, None]
+    k_ragged = k != ng * g
+    prec = lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
 
     def load_cols(ref, row):  # [block_n] f32
         if n_ragged:
@@ -142,67 +155,89 @@ def _int4_kernel(xlo_ref, xhi_ref, xs_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp
             v = ref[row, pl.ds(col0, block_n)]
         return v.astype(f32)
 
-    def load_tile(g):  # [half, block_n] uint8
-        rows = pl.ds(pl.multiple_of(g * half, half), half)
+    def load_tile(gi):  # [half, block_n] uint8
+        rows = pl.ds(pl.multiple_of(gi * half, half), half)
         if n_ragged:
             return plgpu.load(p_ref.at[rows, pl.ds(col0, block_n)], mask=cmask[None, :], other=0)
         return p_ref[rows, pl.ds(col0, block_n)]
 
+    def load_x(c0):  # x[:, c0:c0+half] as [mp, half] in cdt, zero outside [m, k]
+        mask = xrow_mask
+        if k_ragged:
+            mask = mask & ((c0 + jnp.arange(half, dtype=jnp.int32)) < k)[None, :]
+        return plgpu.load(x_ref.at[pl.ds(0, mp), pl.ds(c0, half)], mask=mask, other=0).astype(cdt)
+
     def unpack(p):
         if magic is not None:
-            bits, _ = magic
             p16 = p.astype(jnp.uint16)
-            lo = lax.bitcast_convert_type((p16 & 0xF) | bits, cdt)
-            hi = lax.bitcast_convert_type((p16 >> 4) | bits, cdt)
+            lo = lax.bitcast_convert_type((p16 & 0xF) | magic[0], cdt)
+            hi = lax.bitcast_convert_type((p16 >> 4) | magic[0], cdt)
         else:
             lo = (p & 0xF).astype(cdt)
             hi = (p >> 4).astype(cdt)
         return lo, hi
 
-    prec = lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
+    def load_group(gi):  # everything one group needs from memory
+        c0 = gi * g
+        return (load_tile(gi), load_cols(s_ref, gi), load_cols(mn_ref, gi), load_x(c0), load_x(c0 + half))
 
-    def one_group(g, tile, acc):
+    def one_group(data, acc, valid=None):
+        tile, s, mn, xl, xh = data
         lo, hi = unpack(tile)
-        s = load_cols(s_ref, g)
-        mn = load_cols(mn_ref, g)
+        if valid is not None:  # a prefetched group past the program's range contributes 0
+            s = jnp.where(valid, s, 0.0)
+            mn = jnp.where(valid, mn, 0.0)
         if magic is not None:
             mn = mn - magic[1] * s
-        xs = xs_ref[g, :]  # [mp] f32
-        rows = pl.ds(pl.multiple_of(g * half, half), half)
+        xs = jnp.sum(xl.astype(f32), axis=1) + jnp.sum(xh.astype(f32), axis=1)  # [mp]
         if orient == "xw":
-            xl = xlo_ref[:, rows]  # [mp, half]
-            xh = xhi_ref[:, rows]
             d = _dot(xl, lo, precision=prec) + _dot(xh, hi, precision=prec)  # [mp, bn]
             return acc + d * s[None, :] + xs[:, None] * mn[None, :]
-        # "wx": acc^T [bn, mp] = lo^T . x_lo^T (weights as the M side of the dot)
-        xl = xlo_ref[rows, :]  # [half, mp]
-        xh = xhi_ref[rows, :]
-        d = _dot(lo, xl, trans_a=True, precision=prec) + _dot(hi, xh, trans_a=True, precision=prec)
+        # "wx": acc^T [bn, mp] = lo^T . xl^T (the weight tile is the M side of the dot)
+        d = (_dot(lo, xl, trans_a=True, trans_b=True, precision=prec)
+             + _dot(hi, xh, trans_a=True, trans_b=True, precision=prec))
         return acc + d * s[:, None] + mn[:, None] * xs[None, :]
-
-    def body_multi(i, acc):
-        g0 = g_begin + i * gpi
-        tiles = [load_tile(g0 + u) for u in range(gpi)]  # issue all loads first
-        for u in range(gpi):
-            acc = one_group(g0 + u, tiles[u], acc)
-        return acc
-
-    def body_one(g, acc):
-        return one_group(g, load_tile(g), acc)
 
     acc_shape = (mp, block_n) if orient == "xw" else (block_n, mp)
     acc = jnp.zeros(acc_shape, f32)
     count = jnp.maximum(g_end - g_begin, 0)
-    if gpi > 1:
-        n_multi = count // gpi
-        acc = lax.fori_loop(0, n_multi, body_multi, acc)
-        acc = lax.fori_loop(g_begin + n_multi * gpi, g_end, body_one, acc)
+    last = jnp.maximum(g_end - 1, 0)
+    if prefetch:
+        # Software pipelining by hand: step i computes groups loaded during step i-1.
+        n_steps = -(-count // gpi) if gpi > 1 else count
+
+        def load_step(g0):
+            return [load_group(jnp.minimum(g0 + u, last)) for u in range(gpi)]
+
+        def body_pf(i, carry):
+            acc, cur = carry
+            g0 = g_begin + i * gpi
+            nxt = load_step(g0 + gpi)
+            for u in range(gpi):
+                acc = one_group(cur[u], acc, valid=(g0 + u < g_end) if gpi > 1 else None)
+            return acc, nxt
+
+        acc, _ = lax.fori_loop(0, n_steps, body_pf, (acc, load_step(g_begin)))
     else:
-        acc = lax.fori_loop(g_begin, g_end, body_one, acc)
+        def body_multi(i, acc):
+            g0 = g_begin + i * gpi
+            data = [load_group(g0 + u) for u in range(gpi)]  # issue all loads first
+            for u in range(gpi):
+                acc = one_group(data[u], acc)
+            return acc
+
+        def body_one(gi, acc):
+            return one_group(load_group(gi), acc)
+
+        if gpi > 1:
+            n_multi = count // gpi
+            acc = lax.fori_loop(0, n_multi, body_multi, acc)
+            acc = lax.fori_loop(g_begin + n_multi * gpi, g_end, body_one, acc)
+        else:
+            acc = lax.fori_loop(g_begin, g_end, body_one, acc)
     if orient != "xw":
         acc = acc.T
-    rmask = (jnp.arange(mp, dtype=jnp.int32) < m)[:, None]
-    mask = rmask if cmask is None else rmask & cmask[None, :]
+    mask = xrow_mask if cmask is None else xrow_mask & cmask[None, :]
     if split_out:
         plgpu.store(o_ref.at[sk, pl.ds(0, mp), pl.ds(col0, block_n)], acc.astype(o_ref.dtype), mask=mask)
     else:
@@ -210,18 +245,21 @@ def _int4_kernel(xlo_ref, xhi_ref, xs_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "block_k", "num_warps", "num_stages",
-                                             "split_k", "unpack", "orient", "interpret"))
+                                             "split_k", "unpack", "orient", "prefetch", "interpret"))
 def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = 128, block_k: int | None = None,
                 num_warps: int = 4, num_stages: int = 3, split_k: int | None = None, unpack: str = "auto",
-                orient: str = "xw", interpret: bool = False):
+                orient: str = "xw", prefetch: bool = True, interpret: bool = False):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]).
 
     x [M, K] (M <= 64, K <= n_groups*G), packed uint8 [n_groups*G/2, N], scale/min f16 [n_groups, N].
     block_n: output columns per program (power of 2). block_k: K rows per loop step, a
     multiple of G (several group tiles loaded before use). split_k: programs along K
-    (None: enough to fill ~2 programs per SM). unpack: "magic" (bit trick, 16-bit x),
-    "cvt" (integer->float conversion), "auto" (magic for bf16/f16 x). orient: "xw" puts
-    x on the M side of the dot, "wx" the weight tile (transposed dot).
+    (None: enough to fill ~2 programs per SM); partials are summed by XLA. unpack:
+    "magic" (bit trick, 16-bit x), "cvt" (integer->float conversion), "auto" (magic for
+    bf16/f16 x). orient: "xw" puts x on the M side of the dot, "wx" the weight tile.
+    prefetch: load step i+1 (tiles, stats, x) before computing step i (by hand, since
+    Triton's pipeliner does not take loads that reach the dot through bit operations).
+    f32 x is computed in f32 (exact dots); bf16/f16 x as is.
     """
     block_k = group_size if block_k is None else block_k
     check_int4_matmul_args(x.shape, packed.shape, scale.shape, minimum.shape, group_size, block_n, block_k,
@@ -230,8 +268,6 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = 12
         raise Int4ShapeError(f"orient must be 'xw' or 'wx', got {orient!r}")
     m, k = x.shape
     ng, n = scale.shape
-    half = group_size // 2
-    kp = ng * group_size
     cdt = compute_dtype(x.dtype)
     if unpack == "auto":
         unpack = "magic" if cdt in _MAGIC else "cvt"
@@ -247,21 +283,12 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = 12
     gps = -(-ng // splits)
     splits = -(-ng // gps)
 
-    xp = jnp.pad(x, ((0, mp - m), (0, kp - k))).astype(cdt)
-    xg = xp.reshape(mp, ng, 2, half)
-    xlo = xg[:, :, 0, :].reshape(mp, ng * half)
-    xhi = xg[:, :, 1, :].reshape(mp, ng * half)
-    # x-sums of the values the dots see (after the cast to the compute dtype).
-    xs = jnp.sum(xg.astype(jnp.float32), axis=(2, 3)).T  # [ng, mp]
-    if orient == "wx":
-        xlo, xhi = xlo.T, xhi.T
-
     split_out = splits > 1
     out_dtype = jnp.float32 if split_out else x.dtype
     out_shape = (splits, m, n) if split_out else (m, n)
     kernel = functools.partial(
-        _int4_kernel, m=m, mp=mp, n=n, ng=ng, half=half, block_n=block_n, gpi=gpi, gps=gps, cdt=cdt,
-        magic=magic, orient=orient, n_ragged=(n % block_n != 0), split_out=split_out)
+        _int4_kernel, m=m, mp=mp, k=k, n=n, ng=ng, g=group_size, block_n=block_n, gpi=gpi, gps=gps, cdt=cdt,
+        magic=magic, orient=orient, n_ragged=(n % block_n != 0), split_out=split_out, prefetch=prefetch)
     params = None
     if not interpret:
         params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -272,7 +299,7 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = 12
         compiler_params=params,
         interpret=interpret,
         name="int4_matmul",
-    )(xlo, xhi, xs, packed, scale, minimum)
+    )(x, packed, scale, minimum)
     if split_out:
         out = jnp.sum(out, axis=0).astype(x.dtype)
     return out

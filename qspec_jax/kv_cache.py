@@ -29,6 +29,8 @@ class StreamingView:
 
 def write_rows(buf, new, start):
     """buf [B, KVH, S, D] <- new [B, KVH, T, D] at per-row offsets start [B]."""
+    if buf.shape[0] == 1:  # one row: a plain in-place update, no scatter
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, start[0], 0))
     return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0)))(
         buf, new.astype(buf.dtype), start)
 

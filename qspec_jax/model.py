@@ -174,7 +174,7 @@ def linear(x, w: Weight, opts: ForwardOptions = DEFAULT_OPTIONS, out_dtype=None)
         if opts.use_pallas():
             from pallas_kernels.int4_matmul import int4_linear
 
-            return int4_linear(x, w, backend="pallas").astype(out_dtype)
+            return int4_linear(x, w, backend="auto").astype(out_dtype)
         rows = x.reshape(-1, x.shape[-1])
         y = int4_matmul_reference(rows, w.packed, w.scale, w.minimum, group_size=w.group_size)
         return y.reshape(*x.shape[:-1], -1).astype(out_dtype)

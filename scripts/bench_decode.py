@@ -114,69 +114,109 @@ def loop_time(compiled, args, n, *inputs):
     return float(np.median(ts[1:]))
 
 
-def spec_parts(args, config, params, draft, context, cap, key, opts, n, g):
-    """Draft step, verify pass, full round (QuantSpec) and StreamingLLM draft step."""
+def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
+    """Per context: draft step, verify pass, full round (QuantSpec), StreamingLLM draft step."""
     from qspec_jax.hier_cache import DRAFT, TARGET
     from qspec_jax.kv_cache import StreamingView
     from qspec_jax.speculative import speculative_from_prefill
 
-    out = {}
+    outs = [{} for _ in contexts]
     spec = CacheSpec(capacity=cap, kind="int8", dtype="bfloat16", group_size=args.kv_group, spec_room=g + 1)
-    cache = random_cache(spec, config, context, key)
-    out["int8_cache_bytes"] = cache.nbytes
+    cache = random_cache(spec, config, contexts[0], key)
     tok = jnp.zeros((1,), jnp.int32)
+
+    def at(c, context):
+        return c.replace(lengths=jnp.full((1,), context, jnp.int32))
+
+    def chained(fn, n_iter, p, cache, x, context):
+        """Median per-iteration time of fn(p, cache, x) -> (cache, x), cache donated and chained."""
+        ts = []
+        for _ in range(args.repeats + 1):
+            cache = at(cache, context)
+            t = time.perf_counter()
+            cache, x = fn(p, cache, x)
+            jax.block_until_ready(x)
+            ts.append((time.perf_counter() - t) / n_iter)
+        return float(np.median(ts[1:])), cache
+
     if "draft" in args.parts:
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=(1,))
         def draft_steps(p, cache, tok):
             def body(i, c):
                 cache, tok = c
                 pos = cache.lengths[:, None] + i % g
                 h, cache = forward(p, config, tok[:, None], pos, cache, view=DRAFT, opts=opts)
                 return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
-            return jax.lax.fori_loop(0, n, body, (cache, tok))[1]
-        out["draft_ms"] = 1e3 * loop_time(draft_steps.lower(draft, cache, tok).compile(), args, n, draft, cache, tok)
+            return jax.lax.fori_loop(0, n, body, (cache, tok))
+        for o, c in zip(outs, contexts):
+            t, cache = chained(draft_steps, n, draft, cache, tok, c)
+            o["draft_ms"] = 1e3 * t
+            print(f"# ctx {c}: draft {1e3 * t:.3f} ms", flush=True)
     if "verify" in args.parts:
         feed = jnp.zeros((1, g + 1), jnp.int32)
 
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=(1,))
         def verify_steps(p, cache, feed):
             def body(i, c):
-                cache, acc = c
+                cache, feed = c
                 pos = cache.lengths[:, None] + jnp.arange(g + 1)
-                h, cache = forward(p, config, feed + acc, pos, cache, view=TARGET, opts=opts)
-                # a data dependency XLA cannot fold away (argmax < vocab, so this is 0)
-                return cache, jnp.argmax(lm_logits(p, h, opts), -1).astype(jnp.int32)[:, :1] // config.vocab_size
-            return jax.lax.fori_loop(0, n, body, (cache, jnp.zeros((1, 1), jnp.int32)))[1]
-        out["verify_ms"] = 1e3 * loop_time(verify_steps.lower(params, cache, feed).compile(), args, n, params,
-                                           cache, feed)
+                h, cache = forward(p, config, feed, pos, cache, view=TARGET, opts=opts)
+                # a data dependency XLA cannot fold away (argmax < vocab, so this adds 0)
+                return cache, feed + jnp.argmax(lm_logits(p, h, opts), -1).astype(jnp.int32) // config.vocab_size
+            return jax.lax.fori_loop(0, n, body, (cache, feed))
+        for o, c in zip(outs, contexts):
+            t, cache = chained(verify_steps, n, params, cache, feed, c)
+            o["verify_ms"] = 1e3 * t
+            print(f"# ctx {c}: verify {1e3 * t:.3f} ms", flush=True)
     if "round" in args.parts:
         logits = jax.random.normal(key, (1, config.vocab_size), jnp.float32)
         rounds_fn = functools.partial(speculative_from_prefill, config=config, gamma=g, max_new_tokens=n + 1,
                                       method=SpecMethod.quantspec(), cache_spec=spec, sampling=GREEDY, eos_ids=(),
                                       opts=opts)
-        res = rounds_fn(params, draft, cache, logits, key)
-        rounds = int(res.stats.rounds[0])
-        out["round_ms"] = 1e3 * loop_time(lambda *a: rounds_fn(*a).tokens, args, rounds, params, draft, cache,
-                                          logits, key)
-        out["round_acceptance_random_weights"] = res.stats.summary(g)["acceptance_rate"]
+        for o, c in zip(outs, contexts):
+            res = rounds_fn(params, draft, at(cache, c), logits, key)
+            rounds = int(res.stats.rounds[0])
+            o["round_ms"] = 1e3 * loop_time(lambda *a: rounds_fn(*a).tokens, args, rounds, params, draft,
+                                            at(cache, c), logits, key)
+            o["round_acceptance_random_weights"] = res.stats.summary(g)["acceptance_rate"]
+            print(f"# ctx {c}: round {o['round_ms']:.3f} ms", flush=True)
+    del cache
     if "stream" in args.parts:
         fp = CacheSpec(capacity=cap, kind="fp", dtype="bfloat16", spec_room=g + 1)
-        fcache = random_cache(fp, config, context, key)
-        view = StreamingView(sink=4, window=max(64, context // 4))
+        fcache = random_cache(fp, config, contexts[0], key)
+        for o, c in zip(outs, contexts):
+            view = StreamingView(sink=4, window=max(64, c // 4))
 
-        @jax.jit
-        def stream_steps(p, cache, tok):
-            def body(i, c):
-                cache, tok = c
-                pos = cache.lengths[:, None] + i % g
-                h, cache = forward(p, config, tok[:, None], pos, cache, view=view, opts=opts)
-                return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
-            return jax.lax.fori_loop(0, n, body, (cache, tok))[1]
-        out["stream_draft_ms"] = 1e3 * loop_time(stream_steps.lower(params, fcache, tok).compile(), args, n, params,
-                                                 fcache, tok)
-        out["fp_cache_bytes"] = fcache.nbytes
-    print(f"# ctx {context}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if k.endswith("ms")), flush=True)
-    return out
+            @functools.partial(jax.jit, donate_argnums=(1,))
+            def stream_steps(p, cache, tok):
+                def body(i, cc):
+                    cache, tok = cc
+                    pos = cache.lengths[:, None] + i % g
+                    h, cache = forward(p, config, tok[:, None], pos, cache, view=view, opts=opts)
+                    return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
+                return jax.lax.fori_loop(0, n, body, (cache, tok))
+            t, fcache = chained(stream_steps, n, params, fcache, tok, c)
+            o["stream_draft_ms"] = 1e3 * t
+            print(f"# ctx {c}: stream draft {1e3 * t:.3f} ms", flush=True)
+    for o, c in zip(outs, contexts):
+        print(f"# ctx {c}: " + ", ".join(f"{k} {v:.3f}" for k, v in o.items() if k.endswith("ms")), flush=True)
+    return outs
+
+
+def memory_model(config, params, draft, context, args):
+    """Bytes each method keeps on the GPU at a context (params + caches built from pytrees)."""
+    g = args.gamma
+    fp = jax.eval_shape(lambda: CacheSpec(context + 256, "fp", "bfloat16").init(config, 1))
+    q8 = jax.eval_shape(lambda: CacheSpec(context + 256, "int8", "bfloat16", args.kv_group, g + 1).init(config, 1))
+
+    def nbytes(tree):
+        return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+    p = nbytes(params)
+    d = 0 if draft is None else nbytes([l for l in jax.tree_util.tree_leaves(draft) if l.dtype == jnp.uint8 or
+                                        l.dtype == jnp.float16])
+    return {"mem_ar_fp": p + nbytes(fp), "mem_quantspec": p + d + nbytes(q8),
+            "mem_streaming_shared": p + nbytes(fp),
+            "mem_streaming_magicdec": p + nbytes(fp) + nbytes(fp) // 4}
 
 
 def kv_bytes_fp(config, s):
@@ -237,9 +277,14 @@ def bench(args):
             print(f"# ctx {context}: AR {step * 1e3:.3f} ms, {nbytes / step / 1e12:.2f} TB/s "
                   f"({100 * nbytes / step / ceiling:.0f}% of copy)", flush=True)
             del cache
-        if {"draft", "verify", "round", "stream"} & set(args.parts):
-            res.update(spec_parts(args, config, params, draft, context, cap, key, opts, n, g))
         rows.append(res)
+    if {"draft", "verify", "round", "stream"} & set(args.parts):
+        # one compilation at the largest context; kernels read only each row's visible length
+        cap = max(args.contexts) + n * (g + 1) + 2 * args.kv_group
+        for res, part in zip(rows, spec_parts(args, config, params, draft, args.contexts, cap, key, opts, n, g)):
+            res.update(part)
+    for res in rows:
+        res.update(memory_model(config, params, draft, res["context"], args))
     prefill = None
     if args.prefill:
         t_len = args.prefill
@@ -247,7 +292,7 @@ def bench(args):
         toks = jax.random.randint(key, (1, t_len), 0, config.vocab_size, jnp.int32)
         lens = jnp.full((1,), t_len, jnp.int32)
         f = jax.jit(lambda p, t, l: prefill_cache(p, config, t, l, cache_spec=spec, opts=opts)[0])
-        secs = timed(f, params, toks, lens, repeats=2)
+        secs = timed(f, params, toks, lens, repeats=1)
         prefill = {"tokens": t_len, "seconds": secs, "tokens_per_s": t_len / secs}
         print(f"# prefill {t_len} tokens: {secs:.2f} s ({t_len / secs:.0f} tok/s)", flush=True)
     mem = dev.memory_stats() or {}
@@ -270,11 +315,16 @@ def main():
     p.add_argument("--prefill", type=int, default=0, help="also time prefill of this many tokens")
     p.add_argument("--backend", default="auto")
     p.add_argument("--count-kernels", action="store_true")
+    p.add_argument("--diagnose-no-cache-write", action="store_true",
+                   help="diagnostic only: skip the KV write (wrong results) to price the in-loop cache update")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.diagnose_no_cache_write:
+        import qspec_jax.kv_cache as kvc
+        kvc.write_rows = lambda buf, new, start: buf
     result = bench(args)
     text = json.dumps(result, indent=1)
-    for path in filter(None, [args.json, os.path.join(os.environ["OUT"], f"bench_decode_{args.shape}.json")
+    for path in filter(None, [args.json, os.path.join(os.environ["OUT"], f"bench_decode_{args.shape}_{'-'.join(args.parts)}.json")
                               if os.environ.get("OUT") else None]):
         with open(path, "w") as f:
             f.write(text)

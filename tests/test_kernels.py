@@ -1,0 +1,216 @@
+"""Pallas kernels in interpret mode (CPU) against their `jnp` references.
+
+Interpret mode proves numerics, not Triton's constraints: `scripts/bench_kernels.py`
+checks the same kernels on the GPU. Shapes are small (interpret mode runs the grid
+sequentially) and awkward: ragged K and N, lengths that are no multiple of the block,
+empty quantized history, full buffer, several batch rows at different positions.
+Each distinct static configuration costs one interpret-mode compile (~3-10 s), so one
+compiled kernel is reused for several position sets where possible.
+
+Tolerances (relative Frobenius error of the output against the float32 reference on
+the same inputs): float32 2e-5; float16 5e-3; bfloat16 1.5e-2 (a bf16 output rounding
+alone is ~3e-3; the kernels also round q*scale and p*scale to bf16 for the dots).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.hier_attention import (HierAttentionShapeError, hier_attention, hier_attention_auto,
+                                           hier_attention_reference)
+from pallas_kernels.int4_matmul import Int4ShapeError, int4_linear, int4_matmul, int4_matmul_reference
+from qspec_jax import kv_quant
+from qspec_jax.quant_weights import quantize_rtn
+
+TOL = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.float16): 5e-3, jnp.dtype(jnp.bfloat16): 1.5e-2}
+
+
+def rel_fro(y, r):
+    y = np.asarray(y, np.float32)
+    r = np.asarray(r, np.float32)
+    return float(np.linalg.norm(y - r) / np.linalg.norm(r))
+
+
+def highest(fn, *args, **kw):
+    with jax.default_matmul_precision("highest"):
+        return fn(*args, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# INT4 matmul
+# ---------------------------------------------------------------------------------------
+
+MM_CASES = [
+    # m, k, n, g, dtype, kernel kwargs
+    (1, 1000, 200, 128, jnp.bfloat16, dict()),  # ragged K (last group 104 rows), ragged N
+    (3, 300, 96, 32, jnp.float32, dict(orient="wx", block_n=64, block_k=64, split_k=3)),
+    (8, 512, 64, 256, jnp.float16, dict(block_n=32)),
+    (5, 256, 130, 64, jnp.bfloat16, dict(prefetch=False, block_k=128, unpack="cvt")),
+    (2, 1000, 200, 128, jnp.float32, dict(block_k=512, split_k=3)),  # prefetched groups past the range
+    (4, 640, 48, 128, jnp.bfloat16, dict(block_n=16, split_k=1, orient="wx")),
+]
+
+
+@pytest.mark.parametrize("m,k,n,g,dtype,kw", MM_CASES)
+def test_int4_matmul_matches_reference(m, k, n, g, dtype, kw):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), g)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    y = int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, interpret=True, **kw)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    ref = highest(int4_matmul_reference, x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=g)
+    assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)]
+
+
+def test_int4_linear_dispatch():
+    rng = np.random.default_rng(7)
+    k, n, g = 200, 72, 64
+    qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), g)
+    x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
+    ref = highest(int4_matmul_reference, x.reshape(6, k), qw.packed, qw.scale, qw.minimum, group_size=g)
+    y = int4_linear(x, qw, backend="pallas", interpret=True)  # leading dims flattened (M = 6)
+    assert y.shape == (2, 3, n)
+    assert rel_fro(y.reshape(6, n), ref) < 2e-5
+    y_auto = int4_linear(x, qw)  # CPU: auto -> reference
+    assert rel_fro(y_auto.reshape(6, n), ref) < 2e-5
+    # many rows: auto takes dequantize + XLA dot (prefill), which agrees closely
+    xb = jnp.asarray(rng.standard_normal((100, k)), jnp.float32)
+    refb = highest(int4_matmul_reference, xb, qw.packed, qw.scale, qw.minimum, group_size=g)
+    yb = highest(int4_linear, xb, qw)
+    assert rel_fro(yb, refb) < 2e-5
+
+
+def test_int4_bad_inputs_raise_before_launch():
+    rng = np.random.default_rng(8)
+    qw = quantize_rtn(jnp.asarray(rng.standard_normal((96, 40)), jnp.float32), 48)  # G=48 unsupported
+    x = jnp.ones((1, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match="group_size"):
+        int4_linear(x, qw, backend="pallas")
+    assert int4_linear(x, qw, backend="auto").shape == (1, 40)  # falls back to the reference
+    qw = quantize_rtn(jnp.asarray(rng.standard_normal((128, 40)), jnp.float32), 64)
+    with pytest.raises(ValueError, match="features"):
+        int4_linear(jnp.ones((1, 100)), qw)
+    with pytest.raises(Int4ShapeError, match="M="):
+        int4_linear(jnp.ones((65, 128), jnp.bfloat16), qw, backend="pallas")
+    with pytest.raises(Int4ShapeError, match="block_n"):
+        int4_matmul(jnp.ones((1, 128)), qw.packed, qw.scale, qw.minimum, group_size=64, block_n=96)
+    with pytest.raises(Int4ShapeError, match="block_k"):
+        int4_matmul(jnp.ones((1, 128)), qw.packed, qw.scale, qw.minimum, group_size=64, block_k=96)
+    with pytest.raises(Int4ShapeError, match="K="):
+        int4_matmul(jnp.ones((1, 200)), qw.packed, qw.scale, qw.minimum, group_size=64)
+    with pytest.raises(Int4ShapeError, match="packed"):
+        int4_matmul(jnp.ones((1, 128)), qw.packed[:-1], qw.scale, qw.minimum, group_size=64)
+    with pytest.raises(Int4ShapeError, match="magic"):
+        int4_matmul(jnp.ones((1, 128), jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=64,
+                    unpack="magic")
+
+
+# ---------------------------------------------------------------------------------------
+# hierarchical attention
+# ---------------------------------------------------------------------------------------
+
+def make_cache(rng, b, kvh, d, g, sq, sb, dtype):
+    k = jnp.asarray(rng.standard_normal((b, kvh, sq, d)) + 0.7 * rng.standard_normal((1, 1, 1, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, kvh, sq, d)), jnp.float32)
+    ku, kl, ks, km = kv_quant.quantize_keys(k, g)
+    vu, vl, vs, vm = kv_quant.quantize_values(v, g)
+    buf_k = jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dtype)
+    buf_v = jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dtype)
+    return ku, kl, ks, km, vu, vl, vs, vm, buf_k, buf_v
+
+
+def rows_at(lengths, t, g):
+    """Positions of T new tokens after `lengths` committed ones, and the buffer starts."""
+    lengths = np.asarray(lengths)
+    pos = lengths[:, None] + np.arange(t)[None, :]
+    bst = g * np.maximum(lengths // g - 1, 0)
+    return jnp.asarray(pos, jnp.int32), jnp.asarray(bst, jnp.int32)
+
+
+# b, t, kvh, r, d, g, sq, sb, dtype, use_lower, kernel kwargs, list of committed lengths per row
+# (sb = 2G + room; a length L puts the new tokens at L..L+T-1, buffer start G*max(L//G-1, 0))
+ATTN_CASES = [
+    pytest.param(3, 1, 2, 4, 128, 64, 512, 136, jnp.bfloat16, False, dict(block_k=64),
+                 [[500, 3, 200], [64, 127, 511], [130, 0, 383]], id="draft-gqa4-d128-bf16"),
+    pytest.param(2, 7, 1, 3, 64, 32, 256, 80, jnp.float32, True, dict(block_k=64),
+                 [[249, 10], [63, 180], [31, 64]], id="verify-gqa3-d64-f32-blockk>G"),
+    pytest.param(2, 7, 2, 8, 128, 32, 256, 72, jnp.bfloat16, True, dict(block_k=16, num_splits=3, prefetch=True),
+                 [[249, 40], [96, 200]], id="verify-gqa8-d128-G32-bf16-prefetch"),
+    pytest.param(2, 1, 2, 1, 64, 256, 1024, 520, jnp.float16, False, dict(unpack="cvt", block_kb=32),
+                 [[1000, 511], [767, 0]], id="draft-gqa1-d64-G256-f16-cvt"),
+    pytest.param(1, 3, 2, 2, 128, 32, 192, 70, jnp.float32, False, dict(block_k=32, prefetch=False,
+                                                                         buffer_splits=2),
+                 [[180], [66]], id="t3-gqa2-d128-G32-f32-nch2"),
+]
+
+
+@pytest.mark.parametrize("b,t,kvh,r,d,g,sq,sb,dtype,use_lower,kw,length_sets", ATTN_CASES)
+def test_hier_attention_matches_reference(b, t, kvh, r, d, g, sq, sb, dtype, use_lower, kw, length_sets):
+    rng = np.random.default_rng(b * 100 + t * 10 + r)
+    cache = make_cache(rng, b, kvh, d, g, sq, sb, dtype)
+    q = jnp.asarray(rng.standard_normal((b, t, kvh * r, d)), dtype)
+    fn = jax.jit(lambda q_, pos, bst: hier_attention(q_, *cache, pos, bst, group_size=g, use_lower=use_lower,
+                                                      interpret=True, **kw))
+    cache32 = [a.astype(jnp.float32) if a.dtype == dtype else a for a in cache]
+    for lengths in length_sets:
+        pos, bst = rows_at(lengths, t, g)
+        assert int(jnp.max(pos - bst[:, None])) < sb, "test bug: a query outside its buffer"
+        y = fn(q, pos, bst)
+        assert y.shape == q.shape and y.dtype == q.dtype
+        ref = highest(hier_attention_reference, q.astype(jnp.float32), *cache32, pos, bst, group_size=g,
+                      use_lower=use_lower)
+        err = rel_fro(y, ref)
+        assert err < TOL[jnp.dtype(dtype)], (lengths, err)
+
+
+def test_hier_attention_full_buffer_and_empty_history():
+    """Buffer full to its last slot; and every query before the first flush (Q = 0)."""
+    rng = np.random.default_rng(5)
+    b, t, kvh, r, d, g, sq, sb = 2, 2, 1, 4, 64, 32, 128, 66
+    cache = make_cache(rng, b, kvh, d, g, sq, sb, jnp.float32)
+    q = jnp.asarray(rng.standard_normal((b, t, kvh * r, d)), jnp.float32)
+    # row 0: buf_start 64, queries at 128, 129 -> slot 65 is the last one (full buffer);
+    # row 1: queries at 10, 11 -> nothing quantized yet.
+    pos = jnp.asarray([[128, 129], [10, 11]], jnp.int32)
+    bst = jnp.asarray([64, 0], jnp.int32)
+    for use_lower in (False, True):
+        y = hier_attention(q, *cache, pos, bst, group_size=g, use_lower=use_lower, block_k=32, interpret=True)
+        ref = highest(hier_attention_reference, q, *cache, pos, bst, group_size=g, use_lower=use_lower)
+        assert rel_fro(y, ref) < 2e-5
+
+
+def test_hier_attention_auto_dispatch_and_bad_inputs():
+    rng = np.random.default_rng(6)
+    b, t, kvh, r, d, g, sq, sb = 1, 1, 2, 2, 64, 32, 128, 70
+    cache = make_cache(rng, b, kvh, d, g, sq, sb, jnp.float32)
+    q = jnp.asarray(rng.standard_normal((b, t, kvh * r, d)), jnp.float32)
+    pos, bst = rows_at([100], t, g)
+    ref = hier_attention_reference(q, *cache, pos, bst, group_size=g, use_lower=False)
+    y = hier_attention_auto(q, *cache, pos, bst, group_size=g, use_lower=False)  # CPU -> reference
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=0, atol=0)
+    call = lambda qq=q, cc=cache, **kw: hier_attention(qq, *cc, pos, bst, **{  # noqa: E731
+        "group_size": g, "use_lower": False, "interpret": True, **kw})
+    with pytest.raises(HierAttentionShapeError, match="group_size"):
+        call(group_size=48)
+    with pytest.raises(HierAttentionShapeError, match="block_k"):
+        call(block_k=48)
+    with pytest.raises(HierAttentionShapeError, match="GQA"):
+        call(qq=jnp.ones((b, t, kvh * 9, d)))
+    with pytest.raises(HierAttentionShapeError, match="head_dim"):
+        bad = make_cache(rng, b, kvh, 32, g, sq, sb, jnp.float32)
+        call(qq=jnp.ones((b, t, kvh * r, 32)), cc=bad)
+    with pytest.raises(HierAttentionShapeError, match="T="):
+        call(qq=jnp.ones((b, 17, kvh * r, d)))
+    with pytest.raises(HierAttentionShapeError, match="positions"):
+        hier_attention(jnp.ones((b, 2, kvh * r, d)), *cache, pos, bst, group_size=g, use_lower=False)
+    with pytest.raises(HierAttentionShapeError, match="use_lower"):
+        hier_attention(q, cache[0], None, *cache[2:5], None, *cache[6:], pos, bst, group_size=g, use_lower=True)
+    with pytest.raises(ValueError, match="backend"):
+        hier_attention_auto(q, *cache, pos, bst, group_size=g, use_lower=False, backend="cuda")
+    # "pallas" refuses what it cannot take before launch; "auto" falls back to the reference
+    with pytest.raises(HierAttentionShapeError):
+        hier_attention_auto(q, *cache, pos, bst, group_size=g, use_lower=False, backend="pallas", block_k=48)
