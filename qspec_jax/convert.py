@@ -61,29 +61,11 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------
 
 def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """The name and shape of every flat param the model code expects for `config`."""
-    h, v, f = config.hidden_size, config.vocab_size, config.intermediate_size
-    q = config.num_heads * config.head_dim
-    kv = config.num_kv_heads * config.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"embed": (v, h), "final_norm": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (h, v)
-    for i in range(config.num_layers):
-        p = f"layers.{i}."
-        shapes[p + "attn_norm"] = (h,)
-        shapes[p + "mlp_norm"] = (h,)
-        shapes[p + "wq"] = (h, q)
-        shapes[p + "wk"] = (h, kv)
-        shapes[p + "wv"] = (h, kv)
-        shapes[p + "wo"] = (q, h)
-        if config.attention_bias:
-            shapes[p + "bq"] = (q,)
-            shapes[p + "bk"] = (kv,)
-            shapes[p + "bv"] = (kv,)
-        shapes[p + "w_gate"] = (h, f)
-        shapes[p + "w_up"] = (h, f)
-        shapes[p + "w_down"] = (f, h)
-    return shapes
+    """The name and shape of every flat param the model code expects for `config`
+    (defined once, by the model: `model.expected_shapes`)."""
+    from .model import expected_shapes
+
+    return expected_shapes(config)
 
 
 # Per-layer suffix: (HF name suffix, GGUF name suffix)
