@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--skip", type=int, default=8000, help="tokens dropped at the start of every document")
     ap.add_argument("--gammas", nargs="+", default=["1..8"], help="e.g. 1..8 or 1 2 4 6")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--recipes", nargs="+", default=["gptq-all-g128"],
+    ap.add_argument("--recipes", nargs="*", default=["gptq-all-g128"],
                     help="QuantSpec draft recipes run at every gamma (first = the headline recipe); 'best' = "
                          "the --compare-recipes recipe with the highest mean acceptance at the first prompt length")
     ap.add_argument("--compare-recipes", nargs="*", default=[],
@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--machine", default=None, help="machine description for the report")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
-    ap.add_argument("--from-json", metavar="JSON",
-                    help="evaluate nothing: re-render --markdown (and rewrite --json) from an earlier --json, "
-                         "adding --note lines")
+    ap.add_argument("--from-json", metavar="JSON", nargs="+",
+                    help="evaluate nothing: re-render --markdown (and rewrite --json) from earlier --json files "
+                         "(merged: the first one's settings, every file's rows), adding --note lines")
     return ap
 
 
@@ -192,7 +192,7 @@ def mb(x: int) -> str:
 def render_markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Acceptance on PG-19: QuantSpec vs StreamingLLM ({m['model']})", "",
-             f"- Command: `{m['command']}`",
+             f"- Command: `{m['command']}`"] + [f"- Also: `{c}`" for c in m.get("extra_commands", [])] + [
              f"- Date: {m['date']}; machine: {m['machine']}; total runtime {m.get('runtime_s', 0) / 60:.0f} min",
              f"- Data: `{m['data']}` ({m['documents']} documents); protocol: drop the first {m['skip']} tokens of "
              f"each document, cut chunks of the prompt length, round-robin across documents; "
@@ -282,12 +282,25 @@ def print_table(res: dict) -> None:
 
 
 def rerender(ap: argparse.ArgumentParser, args) -> int:
-    try:
-        with open(args.from_json) as f:
-            res = json.load(f)
-        res["meta"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        ap.error(f"--from-json {args.from_json}: not a results file ({e})")
+    parts = []
+    for path in args.from_json:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+            part["meta"], part["acceptance"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--from-json {path}: not a results file ({e})")
+        parts.append(part)
+    res = parts[0]
+    for part in parts[1:]:
+        m, pm = res["meta"], part["meta"]
+        res["acceptance"] += part["acceptance"]
+        res["perplexity"] = res.get("perplexity", []) + part.get("perplexity", [])
+        m["draft_bytes"].update(pm.get("draft_bytes", {}))
+        m["compare_prompt_lens"] = sorted(set(m.get("compare_prompt_lens", [])) | set(pm.get("compare_prompt_lens", [])))
+        m["runtime_s"] = m.get("runtime_s", 0) + pm.get("runtime_s", 0)
+        m.setdefault("extra_commands", []).append(pm["command"])
+        m.setdefault("notes", []).extend(n for n in pm.get("notes", []) if n not in m.get("notes", []))
     res["meta"].setdefault("notes", [])
     res["meta"]["notes"] += [n for n in args.note if n not in res["meta"]["notes"]]
     if args.json:
@@ -448,10 +461,11 @@ def main(argv: list[str] | None = None) -> int:
                 bar.write(f"headline recipe: {best}")
             dump()
         main_drafts = {t: drafts[t] for t in args.recipes}
-        rows = acceptance_sweep(target, config, prompts, drafts=main_drafts, gammas=args.gamma_list,
-                                streaming=not args.no_streaming, max_new_tokens=args.max_new_tokens, **common)
-        res["acceptance"] += [dict(r, stage="main") for r in rows]
-        dump()
+        if main_drafts or not args.no_streaming:
+            rows = acceptance_sweep(target, config, prompts, drafts=main_drafts, gammas=args.gamma_list,
+                                    streaming=not args.no_streaming, max_new_tokens=args.max_new_tokens, **common)
+            res["acceptance"] += [dict(r, stage="main") for r in rows]
+            dump()
         del prefilled
     bar.close()
     dump()
