@@ -428,13 +428,24 @@ def _attn_kernel(*refs, cfg):
     _plgpu.store(l_ref.at[bi, hi_, si, rows], l, mask=rmask)
 
 
+def resolve_defaults(use_lower: bool, block_k, num_stages, unpack):
+    """Per-role block_k / num_stages / unpack where the caller left them None / "auto"."""
+    if block_k is None:
+        block_k = 64 if use_lower else 128
+    if num_stages is None:
+        num_stages = 2 if use_lower else 3
+    if unpack == "auto" and use_lower:
+        unpack = "cvt"
+    return block_k, num_stages, unpack
+
+
 @_functools.partial(_jax.jit, static_argnames=(
     "group_size", "use_lower", "sm_scale", "block_k", "block_kb", "num_splits", "buffer_splits", "num_warps",
     "num_stages", "unpack", "prefetch", "interpret"))
 def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scale, v_min, buf_k, buf_v,
                    positions, buf_start, *, group_size: int, use_lower: bool, sm_scale: float | None = None,
-                   block_k: int = 128, block_kb: int = 64, num_splits: int | None = None,
-                   buffer_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                   block_k: int | None = None, block_kb: int = 64, num_splits: int | None = None,
+                   buffer_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                    unpack: str = "auto", prefetch: bool | None = None, interpret: bool = False):
     """Pallas flash-decoding over the hierarchical cache; same contract as the reference.
 
@@ -444,9 +455,13 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     the quantized history (None: `auto_num_splits`). buffer_splits: programs over the
     buffer. unpack: "magic" / "cvt" / "auto" (magic for bf16/f16 queries). prefetch:
     load tile i+1 before computing tile i (software pipelining by hand, two tiles live
-    in registers); None: on for the draft (upper plane), off for the target (four
-    planes: measured 0.14 TB/s with it on an H100, most likely register spills).
+    in registers). None means the per-role default measured best on the H100
+    (scripts/bench_kernels.py sweep, 2026-11-25, docs/benchmarks.md):
+      draft  (use_lower=False): block_k 128, num_stages 3, magic unpack, no prefetch
+      target (use_lower=True):  block_k 64,  num_stages 2, cvt unpack (3x faster than magic
+                                for T = 8: the magic path needs twice the dots), no prefetch
     """
+    block_k, num_stages, unpack = resolve_defaults(use_lower, block_k, num_stages, unpack)
     check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, positions,
                               buf_start, group_size=group_size, block_k=block_k, block_kb=block_kb,
                               num_splits=num_splits, buffer_splits=buffer_splits, k_lower=k_lower,
@@ -469,7 +484,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
         raise HierAttentionShapeError(f"unpack={unpack!r} not possible for q dtype {q.dtype}")
     magic = _MAGIC[cdt] if unpack == "magic" else None
     if prefetch is None:
-        prefetch = not use_lower
+        prefetch = False
     tk = min(block_k, g)
     nsub = block_k // tk
     n_splits = auto_num_splits(b, kvh, sq, block_k, mrows) if num_splits is None else num_splits
@@ -546,7 +561,8 @@ def hier_attention_auto(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v
         try:
             check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v,
                                       positions, buf_start, group_size=group_size,
-                                      block_k=kernel_kwargs.get("block_k", 128),
+                                      block_k=resolve_defaults(use_lower, kernel_kwargs.get("block_k"), 1,
+                                                               "auto")[0],
                                       block_kb=kernel_kwargs.get("block_kb", 64), k_lower=k_lower,
                                       v_lower=v_lower, use_lower=use_lower)
             reason = None

@@ -244,11 +244,113 @@ def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, k, n, ng, g, bloc
         plgpu.store(o_ref.at[pl.ds(0, mp), pl.ds(col0, block_n)], acc.astype(o_ref.dtype), mask=mask)
 
 
+_F32_MAGIC = (0x4B000000, 8388608.0)  # f32 bits 0x4B000000|c == 2**23 + c
+MAX_SIMT_M = 8
+
+
+def _int4_simt_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, k, n, ng, g, block_n, gpi, gps, magic,
+                      n_ragged, split_out, acc2d):
+    """CUDA-core GEMV: no tensor-core dot, so the unpacked tile never changes layout.
+
+    A tensor-core dot needs its operands in the MMA register layout; Triton moves the
+    unpacked 16-bit tile there through shared memory, 4 bytes of traffic per packed byte,
+    which caps the dot version near 1 TB/s. Here every thread multiplies the bytes it
+    loaded by the x values of their rows and keeps partial sums in place:
+      acc2d=True   acc[half, bn] += (lo * x_lo + hi * x_hi) * s_g   (one reduction at the end)
+      acc2d=False  y[bn] += sum_rows(lo * x_lo + hi * x_hi) * s_g   (a reduction per group)
+    and y += (sum x_g) * mn_g. f32 arithmetic; nibbles become f32 by the 2**23 bit trick
+    (one OR and one exact subtraction instead of an int->float conversion) when magic.
+    """
+    half = g // 2
+    j = pl.program_id(0)
+    sk = pl.program_id(1)
+    col0 = pl.multiple_of(j * block_n, block_n)
+    cols = col0 + jnp.arange(block_n, dtype=jnp.int32)
+    cmask = cols < n if n_ragged else None
+    g_begin = sk * gps
+    g_end = jnp.minimum(g_begin + gps, ng)
+    f32 = jnp.float32
+    k_ragged = k != ng * g
+
+    def load_cols(ref, row):
+        if n_ragged:
+            return plgpu.load(ref.at[row, pl.ds(col0, block_n)], mask=cmask, other=0.0).astype(f32)
+        return ref[row, pl.ds(col0, block_n)].astype(f32)
+
+    def load_tile(gi):
+        rows = pl.ds(pl.multiple_of(gi * half, half), half)
+        if n_ragged:
+            return plgpu.load(p_ref.at[rows, pl.ds(col0, block_n)], mask=cmask[None, :], other=0)
+        return p_ref[rows, pl.ds(col0, block_n)]
+
+    def load_x(r, c0):  # [half] f32, zero past K
+        if k_ragged:
+            mask = (c0 + jnp.arange(half, dtype=jnp.int32)) < k
+            return plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(c0, half)], mask=mask[None, :], other=0)[0].astype(f32)
+        return x_ref[pl.ds(r, 1), pl.ds(c0, half)][0].astype(f32)
+
+    def unpack(t):
+        if magic:
+            t32 = t.astype(jnp.uint32)
+            lo = lax.bitcast_convert_type((t32 & 0xF) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
+            hi = lax.bitcast_convert_type((t32 >> 4) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
+            return lo, hi
+        return (t & 0xF).astype(f32), (t >> 4).astype(f32)
+
+    def step(gi, carry):
+        lo, hi = unpack(load_tile(gi))
+        s = load_cols(s_ref, gi)
+        mn = load_cols(mn_ref, gi)
+        c0 = gi * g
+        out = []
+        for r in range(m):
+            acc_r, y_r = carry[r]
+            xl, xh = load_x(r, c0), load_x(r, c0 + half)
+            t = lo * xl[:, None] + hi * xh[:, None]
+            y_r = y_r + (jnp.sum(xl) + jnp.sum(xh)) * mn
+            if acc2d:
+                acc_r = acc_r + t * s[None, :]
+            else:
+                y_r = y_r + jnp.sum(t, axis=0) * s
+            out.append((acc_r, y_r))
+        return tuple(out)
+
+    acc0 = jnp.zeros((half, block_n) if acc2d else (1, block_n), f32)
+    init = tuple((acc0, jnp.zeros((block_n,), f32)) for _ in range(m))
+    res = lax.fori_loop(g_begin, g_end, step, init)
+    for r in range(m):
+        acc_r, y_r = res[r]
+        if acc2d:
+            y_r = y_r + jnp.sum(acc_r, axis=0)
+        idx = (pl.ds(r, 1), pl.ds(col0, block_n))
+        lead = (1, 1)
+        if split_out:
+            idx, lead = (pl.ds(sk, 1),) + idx, (1, 1, 1)
+        y_r = y_r.astype(o_ref.dtype).reshape(lead[:-1] + (block_n,))
+        if n_ragged:
+            plgpu.store(o_ref.at[idx], y_r, mask=cmask.reshape(lead[:-1] + (block_n,)))
+        else:
+            o_ref[idx] = y_r
+
+
+def resolve_defaults(m: int, n: int, orient: str, block_n, split_k):
+    """orient / block_n / split_k where the caller left them "auto" / None (see int4_matmul)."""
+    if orient == "auto":
+        orient = "simt" if m == 1 else "xw"
+    if block_n is None:
+        block_n = 256 if (orient == "simt" and n >= 4096) else 128
+    if split_k is None and orient == "simt" and n >= 4096:
+        split_k = 16
+    return orient, block_n, split_k
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "block_k", "num_warps", "num_stages",
-                                             "split_k", "unpack", "orient", "prefetch", "interpret"))
-def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = 128, block_k: int | None = None,
-                num_warps: int = 4, num_stages: int = 3, split_k: int | None = None, unpack: str = "auto",
-                orient: str = "xw", prefetch: bool = True, interpret: bool = False):
+                                             "split_k", "unpack", "orient", "prefetch", "simt_acc",
+                                             "interpret"))
+def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
+                block_k: int | None = None, num_warps: int = 4, num_stages: int = 3, split_k: int | None = None,
+                unpack: str = "auto", orient: str = "auto", prefetch: bool = True, simt_acc: str = "auto",
+                interpret: bool = False):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]).
 
     x [M, K] (M <= 64, K <= n_groups*G), packed uint8 [n_groups*G/2, N], scale/min f16 [n_groups, N].
@@ -260,22 +362,31 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = 12
     prefetch: load step i+1 (tiles, stats, x) before computing step i (by hand, since
     Triton's pipeliner does not take loads that reach the dot through bit operations).
     f32 x is computed in f32 (exact dots); bf16/f16 x as is.
+    Defaults (None / "auto") are the H100 sweep's best (docs/benchmarks.md): M = 1 takes
+    "simt" with block_n 256 and split_k 16 where N >= 4096, block_n 128 below; M > 1 the
+    "xw" dot with block_n 128.
     """
+    orient, block_n, split_k = resolve_defaults(x.shape[0] if x.ndim == 2 else 1, scale.shape[-1], orient,
+                                                block_n, split_k)
     block_k = group_size if block_k is None else block_k
     check_int4_matmul_args(x.shape, packed.shape, scale.shape, minimum.shape, group_size, block_n, block_k,
                            split_k)
-    if orient not in ("xw", "wx"):
-        raise Int4ShapeError(f"orient must be 'xw' or 'wx', got {orient!r}")
+    if orient not in ("xw", "wx", "simt"):
+        raise Int4ShapeError(f"orient must be 'auto', 'xw', 'wx' or 'simt', got {orient!r}")
+    if orient == "simt" and x.shape[0] > MAX_SIMT_M:
+        raise Int4ShapeError(f"orient='simt' takes M <= {MAX_SIMT_M} rows, got {x.shape[0]}")
+    if simt_acc not in ("auto", "2d", "reduce"):
+        raise Int4ShapeError(f"simt_acc must be 'auto', '2d' or 'reduce', got {simt_acc!r}")
     m, k = x.shape
     ng, n = scale.shape
     cdt = compute_dtype(x.dtype)
     if unpack == "auto":
-        unpack = "magic" if cdt in _MAGIC else "cvt"
-    if unpack == "magic" and cdt not in _MAGIC:
+        unpack = "magic" if (cdt in _MAGIC or orient == "simt") else "cvt"
+    if unpack == "magic" and cdt not in _MAGIC and orient != "simt":
         raise Int4ShapeError("unpack='magic' needs bf16/f16 activations")
     if unpack not in ("magic", "cvt"):
         raise Int4ShapeError(f"unpack must be 'auto', 'magic' or 'cvt', got {unpack!r}")
-    magic = _MAGIC[cdt] if unpack == "magic" else None
+    magic = _MAGIC[cdt] if (unpack == "magic" and orient != "simt") else None
     mp = max(16, _next_pow2(m))
     gpi = block_k // group_size
     n_blocks = -(-n // block_n)
@@ -286,9 +397,16 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = 12
     split_out = splits > 1
     out_dtype = jnp.float32 if split_out else x.dtype
     out_shape = (splits, m, n) if split_out else (m, n)
-    kernel = functools.partial(
-        _int4_kernel, m=m, mp=mp, k=k, n=n, ng=ng, g=group_size, block_n=block_n, gpi=gpi, gps=gps, cdt=cdt,
-        magic=magic, orient=orient, n_ragged=(n % block_n != 0), split_out=split_out, prefetch=prefetch)
+    if orient == "simt":
+        acc2d = (m == 1) if simt_acc == "auto" else simt_acc == "2d"
+        kernel = functools.partial(
+            _int4_simt_kernel, m=m, k=k, n=n, ng=ng, g=group_size, block_n=block_n, gpi=gpi, gps=gps,
+            magic=(unpack == "magic"), n_ragged=(n % block_n != 0), split_out=split_out, acc2d=acc2d)
+    else:
+        kernel = functools.partial(
+            _int4_kernel, m=m, mp=mp, k=k, n=n, ng=ng, g=group_size, block_n=block_n, gpi=gpi, gps=gps,
+            cdt=cdt, magic=magic, orient=orient, n_ragged=(n % block_n != 0), split_out=split_out,
+            prefetch=prefetch)
     params = None
     if not interpret:
         params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)

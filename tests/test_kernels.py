@@ -52,6 +52,11 @@ MM_CASES = [
     (5, 256, 130, 64, jnp.bfloat16, dict(prefetch=False, block_k=128, unpack="cvt")),
     (2, 1000, 200, 128, jnp.float32, dict(block_k=512, split_k=3)),  # prefetched groups past the range
     (4, 640, 48, 128, jnp.bfloat16, dict(block_n=16, split_k=1, orient="wx")),
+    # CUDA-core GEMV: per-element accumulator (M = 1), per-group reduction (M > 1), cvt unpack
+    (1, 1000, 200, 128, jnp.bfloat16, dict(orient="simt", block_n=64, split_k=3)),
+    (1, 576, 96, 64, jnp.float32, dict(orient="simt", block_n=32)),
+    (3, 300, 130, 32, jnp.float16, dict(orient="simt", block_n=64, unpack="cvt")),
+    (2, 512, 64, 256, jnp.bfloat16, dict(orient="simt", simt_acc="2d", block_n=16)),
 ]
 
 
@@ -106,7 +111,9 @@ def test_int4_bad_inputs_raise_before_launch():
         int4_matmul(jnp.ones((1, 128)), qw.packed[:-1], qw.scale, qw.minimum, group_size=64)
     with pytest.raises(Int4ShapeError, match="magic"):
         int4_matmul(jnp.ones((1, 128), jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=64,
-                    unpack="magic")
+                    unpack="magic", orient="xw")
+    with pytest.raises(Int4ShapeError, match="simt"):
+        int4_matmul(jnp.ones((9, 128)), qw.packed, qw.scale, qw.minimum, group_size=64, orient="simt")
 
 
 # ---------------------------------------------------------------------------------------
