@@ -103,7 +103,8 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
     from qspec_jax.speculative import speculative_from_prefill
 
     outs = [{} for _ in contexts]
-    spec = CacheSpec(capacity=cap, kind="int8", dtype="bfloat16", group_size=args.kv_group, spec_room=g + 1)
+    room = max([g] + list(args.verify_gammas or [])) + 1
+    spec = CacheSpec(capacity=cap, kind="int8", dtype="bfloat16", group_size=args.kv_group, spec_room=room)
     cache = random_cache(spec, config, contexts[0], key)
     tok = jnp.zeros((1,), jnp.int32)
 
@@ -135,21 +136,24 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             o["draft_ms"] = 1e3 * t
             print(f"# ctx {c}: draft {1e3 * t:.3f} ms", flush=True)
     if "verify" in args.parts:
-        feed = jnp.zeros((1, g + 1), jnp.int32)
+        for gv in sorted(set(args.verify_gammas or []) | {g}):
+            feed = jnp.zeros((1, gv + 1), jnp.int32)
 
-        @functools.partial(jax.jit, donate_argnums=(1,))
-        def verify_steps(p, cache, feed):
-            def body(i, c):
-                cache, feed = c
-                pos = cache.lengths[:, None] + jnp.arange(g + 1)
-                h, cache = forward(p, config, feed, pos, cache, view=TARGET, opts=opts)
-                # a data dependency XLA cannot fold away (argmax < vocab, so this adds 0)
-                return cache, feed + jnp.argmax(lm_logits(p, h, opts), -1).astype(jnp.int32) // config.vocab_size
-            return jax.lax.fori_loop(0, n, body, (cache, feed))
-        for o, c in zip(outs, contexts):
-            t, cache = chained(verify_steps, n, params, cache, feed, c)
-            o["verify_ms"] = 1e3 * t
-            print(f"# ctx {c}: verify {1e3 * t:.3f} ms", flush=True)
+            @functools.partial(jax.jit, donate_argnums=(1,))
+            def verify_steps(p, cache, feed):
+                def body(i, c):
+                    cache, feed = c
+                    pos = cache.lengths[:, None] + jnp.arange(feed.shape[1])
+                    h, cache = forward(p, config, feed, pos, cache, view=TARGET, opts=opts)
+                    # a data dependency XLA cannot fold away (argmax < vocab, so this adds 0)
+                    return cache, feed + jnp.argmax(lm_logits(p, h, opts), -1).astype(jnp.int32) // config.vocab_size
+                return jax.lax.fori_loop(0, n, body, (cache, feed))
+            for o, c in zip(outs, contexts):
+                t, cache = chained(verify_steps, n, params, cache, feed, c)
+                o.setdefault("verify_ms_by_gamma", {})[str(gv)] = 1e3 * t
+                if gv == g:
+                    o["verify_ms"] = 1e3 * t
+                print(f"# ctx {c}: verify gamma {gv} ({gv + 1} tokens) {1e3 * t:.3f} ms", flush=True)
     if "round" in args.parts:
         logits = jax.random.normal(key, (1, config.vocab_size), jnp.float32)
         rounds_fn = functools.partial(speculative_from_prefill, config=config, gamma=g, max_new_tokens=n + 1,
@@ -183,6 +187,28 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
     for o, c in zip(outs, contexts):
         print(f"# ctx {c}: " + ", ".join(f"{k} {v:.3f}" for k, v in o.items() if k.endswith("ms")), flush=True)
     return outs
+
+
+def profile_top(call, n_steps, top=25):
+    """Device kernels of one call under the profiler: per step time and count, by name."""
+    from jax._src.lib import _profiler
+    from bench_kernels import _gpu_kernel_events
+    sess = _profiler.ProfilerSession()
+    out = call()
+    jax.block_until_ready(out)
+    events = _gpu_kernel_events(sess.stop())
+    by = {}
+    for nm, d in events:
+        key = nm[:80]
+        t, c = by.get(key, (0.0, 0))
+        by[key] = (t + d * 1e-9 / n_steps, c + 1 / n_steps)
+    rows = sorted(by.items(), key=lambda kv: -kv[1][0])[:top]
+    total = sum(t for t, _ in by.values())
+    print(f"#   profile: {total * 1e3:.3f} ms of kernels per step, {len(events) / n_steps:.0f} kernels per step")
+    for nm, (t, c) in rows:
+        print(f"#   {t * 1e6:9.1f} us  x{c:5.1f}  {nm}")
+    return {"kernel_ms_per_step": total * 1e3, "kernels_per_step": len(events) / n_steps,
+            "top": [(nm, t * 1e6, c) for nm, (t, c) in rows], "_out": out}
 
 
 def memory_model(config, params, draft, context, args):
@@ -251,6 +277,10 @@ def bench(args):
                 jax.block_until_ready(tok)
                 ts.append((time.perf_counter() - t) / n)
             step = float(np.median(ts[1:]))
+            if args.profile:
+                cache = cache.replace(lengths=jnp.full((1,), context, jnp.int32))
+                res["ar_profile"] = profile_top(lambda: compiled(params, cache, tok), n)
+                cache = res["ar_profile"].pop("_out")[0]
             # bytes: all weights but the embedding (gathered rows), the KV cache read over the attended length
             nbytes = wbytes - params.embed.size * 2 * (0 if config.tie_word_embeddings else 1) + kv_bytes_fp(config, context)
             res.update(ar_ms=step * 1e3, ar_bytes=nbytes, ar_tbps=nbytes / step / 1e12,
@@ -261,7 +291,7 @@ def bench(args):
         rows.append(res)
     if {"draft", "verify", "round", "stream"} & set(args.parts):
         # one compilation at the largest context; kernels read only each row's visible length
-        cap = max(args.contexts) + n * (g + 1) + 2 * args.kv_group
+        cap = max(args.contexts) + n * (max([g] + args.verify_gammas) + 1) + 2 * args.kv_group
         for res, part in zip(rows, spec_parts(args, config, params, draft, args.contexts, cap, key, opts, n, g)):
             res.update(part)
     for res in rows:
@@ -291,12 +321,15 @@ def main():
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed loop")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--verify-gammas", type=int, nargs="*", default=[],
+                   help="also time the verify pass for these gammas (for the best gamma per context)")
     p.add_argument("--kv-group", type=int, default=128)
     p.add_argument("--weight-group", type=int, default=128)
     p.add_argument("--prefill", type=int, default=0, help="also time prefill of this many tokens")
     p.add_argument("--backend", default="auto")
     p.add_argument("--diagnose-no-cache-write", action="store_true",
                    help="diagnostic only: skip the KV write (wrong results) to price the in-loop cache update")
+    p.add_argument("--profile", action="store_true", help="AR: device kernels of one call by name (profiler)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.diagnose_no_cache_write:
