@@ -123,7 +123,20 @@ def _set(tup, i, val):
     return tup[:i] + (val,) + tup[i + 1:]
 
 
+CAPACITY_ALIGN = 1024  # the PV dot pads S to a multiple of 256 otherwise
+
+
 def init_cache(config: LlamaConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> KVCache:
+    """Empty fp cache of at least `capacity` tokens per row: K and V [B, KVH, S, D] per layer.
+
+    From 1024 tokens up, S is capacity rounded up to a multiple of CAPACITY_ALIGN (small
+    caches, as in tests, stay exact): with an unaligned S the GPU
+    dot of the attention pads (copies) the whole K cache of every layer at every step
+    (the PV dot wants S % 256 == 0; measured on an H100: 5.9 of 20.3 ms per step at
+    128K, Llama-3.1-8B shape).
+    """
+    if capacity >= 1024:
+        capacity = -(-capacity // CAPACITY_ALIGN) * CAPACITY_ALIGN
     shape = (batch, config.num_kv_heads, capacity, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
