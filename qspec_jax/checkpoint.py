@@ -38,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "convert_checkpoint",
     "load_config",
     "load_tokenizer",
     "load_params",
@@ -276,6 +277,25 @@ def load_checkpoint(path: str | os.PathLike, *, dtype=None):
     params = load_params(path, dtype=dtype, config=config)
     tokenizer = load_tokenizer(path)
     return config, params, tokenizer
+
+
+def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
+                       overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert a Hugging Face model directory (config.json, *.safetensors, tokenizer files)
+    or a llama/qwen2 `.gguf` file into a qspec-jax checkpoint at `out_dir`; returns its path.
+
+    What `scripts/convert_hf_checkpoint.py SRC OUT` does. dtype: storage dtype of the
+    params, "float32" or "bfloat16". Then `load_model(out_dir, dtype)` loads it.
+    Raises CheckpointError / ConfigError (unsupported architecture, missing tensor, ...) and
+    FileExistsError if out_dir exists and not overwrite.
+    """
+    from .convert import load_source
+
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    config, flat, tokenizer = load_source(src, progress=progress)
+    return save_checkpoint(out_dir, config, flat, tokenizer, dtype=dtype, overwrite=overwrite,
+                           source=os.path.abspath(src))
 
 
 # --------------------------------------------------------------------------------------

@@ -41,6 +41,16 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
+    """The architecture of a Llama-family model (Llama 2/3/3.1/3.2, SmolLM2, Qwen2).
+
+    Frozen and hashable: pass it as a static argument (`static_argnames=("config", ...)`).
+    Shapes it fixes: embed [vocab_size, hidden_size]; per layer wq [hidden_size,
+    num_heads*head_dim], wk/wv [hidden_size, num_kv_heads*head_dim], w_gate/w_up
+    [hidden_size, intermediate_size]; KV cache [B, num_kv_heads, capacity, head_dim].
+    Build it with `LlamaConfig.from_json_file(hf_dir / "config.json")` or get it from
+    `load_model`; eos_token_ids is the default stop set of the decoders.
+    """
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int

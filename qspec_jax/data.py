@@ -23,6 +23,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
+    """One evaluation text: `name` (a book title or "<file>:<line>") and its `text`."""
+
     name: str  # "<file>:<line>" for JSONL, the file name for .txt
     text: str
 
@@ -191,7 +193,8 @@ def calibration_chunks(tokenizer, docs: Sequence[Document | str], chunk_len: int
 
 
 def default_data_path(repo_root: str | os.PathLike | None = None) -> Path | None:
-    """`../shared/data/pg19_dev.jsonl` relative to the repository, if it exists."""
+    """`../shared/data/pg19_dev.jsonl` relative to the repository (a Path), or None if it
+    does not exist."""
     root = Path(repo_root) if repo_root is not None else Path(__file__).resolve().parent.parent
     p = root.parent / "shared" / "data" / "pg19_dev.jsonl"
     return p if p.is_file() else None

@@ -21,8 +21,10 @@ SCOPES = ("all", "mlp")
 
 @dataclasses.dataclass(frozen=True)
 class DraftRecipe:
-    """Which weights become INT4 and how.
+    """Which weights become INT4 and how (frozen, hashable).
 
+    group_size: input rows per quantization group of a weight [in, out] (even; the paper
+      uses 128; 64 and 32 are finer and larger).
     scope: "all" linear layers (default) or "mlp" only (what the released code does).
     quantize_lm_head: the lm_head too (for tied embeddings, an INT4 copy of embed^T).
     method: "rtn" round-to-nearest, or "gptq" (needs calibration tokens).
@@ -45,9 +47,14 @@ class DraftRecipe:
 
 
 def make_draft(params: Params, recipe: DraftRecipe = DraftRecipe(), *, quantizer=None) -> Params:
-    """Target params -> draft params with QuantizedWeight leaves.
+    """Target params -> draft params: the same `Params` with the recipe's weights replaced
+    by INT4 `QuantizedWeight` leaves (round-to-nearest, asymmetric, per group of
+    G = `recipe.group_size` input rows: uint8 packed codes [ceil(in/G)*G/2, out], float16
+    scale and minimum [ceil(in/G), out]). Every other tensor (embedding, norms) is the
+    target's own array.
 
     quantizer(name, layer_index, w) -> QuantizedWeight overrides round-to-nearest (GPTQ).
+    To keep a draft on disk beside its checkpoint, use `get_or_make_draft`.
     """
     if recipe.method == "gptq" and quantizer is None:
         raise ValueError("method='gptq' needs calibration: use qspec_jax.gptq.make_gptq_draft")
@@ -69,4 +76,5 @@ def make_draft(params: Params, recipe: DraftRecipe = DraftRecipe(), *, quantizer
 
 
 def is_draft(params: Params) -> bool:
+    """True if any layer weight is an INT4 QuantizedWeight."""
     return any(isinstance(getattr(l, n), QuantizedWeight) for l in params.layers for n in ATTN_WEIGHTS + MLP_WEIGHTS)

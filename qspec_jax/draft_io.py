@@ -26,15 +26,12 @@ import numpy as np
 from qspec_jax.checkpoint import CheckpointError, load_pytree, save_pytree
 from qspec_jax.config import LlamaConfig
 from qspec_jax.draft import ATTN_WEIGHTS, MLP_WEIGHTS, DraftRecipe, make_draft
+from qspec_jax.errors import DraftMismatchError
 from qspec_jax.model import Params
 from qspec_jax.quant_weights import QuantizedWeight
 
 DRAFT_FORMAT = "qspec-jax-draft-v1"
 _TAG_RE = re.compile(r"^(rtn|gptq)-(all|mlp)-g(\d+)(-fphead)?$")
-
-
-class DraftMismatchError(ValueError):
-    """A stored draft does not belong to this target (or this recipe)."""
 
 
 # ----------------------------------------------------------------------------- recipes as tags
@@ -157,19 +154,23 @@ def load_draft(checkpoint_dir: str | os.PathLike, target_params: Params, config:
         raise DraftMismatchError(f"{path}: not a qspec-jax draft (format {meta.get('format')!r})")
     stored = meta.get("recipe", {})
     if stored != dataclasses.asdict(recipe):
-        raise DraftMismatchError(f"{path}: stored recipe {stored} differs from the requested {dataclasses.asdict(recipe)}")
+        raise DraftMismatchError(f"{path}: stored recipe {stored} differs from the requested "
+                                 f"{dataclasses.asdict(recipe)}: delete {path} (get_or_make_draft then rebuilds "
+                                 f"it) or request the stored recipe")
     fp = target_fingerprint(target_params, config)
     if meta.get("target_fingerprint") != fp:
         raise DraftMismatchError(
             f"{path}: this draft was made from another model (target fingerprint {meta.get('target_fingerprint')}, "
-            f"this target {fp}); delete it or pass the checkpoint it was made from")
+            f"this target {fp}). Delete the stale draft directory {path} and rebuild it "
+            f"(get_or_make_draft rebuilds and saves it; or make_draft(target_params, recipe)), or load the target "
+            f"checkpoint it was made from")
     if calibration is not None and meta.get("calibration") != calibration:
         return None
     shapes = meta.get("shapes", {})
     expected = _expected_names(config, recipe)
     if set(shapes) != expected:
         raise DraftMismatchError(f"{path}: stores {len(shapes)} INT4 weights, recipe {recipe_tag(recipe)} "
-                                 f"needs {len(expected)}")
+                                 f"needs {len(expected)}: delete {path} and rebuild the draft")
     qws = {}
     for name, (k, n) in shapes.items():
         try:
@@ -182,7 +183,8 @@ def load_draft(checkpoint_dir: str | os.PathLike, target_params: Params, config:
     def lookup(name, i, w):
         qw = qws[name if i < 0 else f"layers.{i}.{name}"]
         if tuple(qw.shape) != tuple(w.shape):
-            raise DraftMismatchError(f"{path}: {name} (layer {i}) has shape {qw.shape}, the target {tuple(w.shape)}")
+            raise DraftMismatchError(f"{path}: {name} (layer {i}) has shape {qw.shape}, the target {tuple(w.shape)}: "
+                                     f"a draft of another model; delete {path} and rebuild the draft")
         return qw
 
     with warnings.catch_warnings():

@@ -140,6 +140,8 @@ def acceptance_sweep(target: Params, config: LlamaConfig, prompts, *, drafts: Ma
                      progress: Callable[[str], None] | None = None) -> list[dict]:
     """Acceptance of QuantSpec (one row set per draft) and StreamingLLM on prompts [B, P].
 
+    prompts: int32 [B, P], every row P real tokens (no padding), e.g. `pg19_chunks(...)`.
+    Greedy, no stop at EOS: every row generates max_new_tokens.
     drafts: {recipe name: draft params} for QuantSpec (empty: StreamingLLM only).
     gammas: the gammas of every method, or {name: gammas} per draft name / "streaming"
       (names missing from the dict are skipped).
@@ -154,7 +156,10 @@ def acceptance_sweep(target: Params, config: LlamaConfig, prompts, *, drafts: Ma
       see the module docstring). Replay shares pass 1 between all drafts of one cache kind.
     replay_cache: a dict kept by the caller across calls on the SAME prefilled caches, so
       pass 1 (the target's tokens) is computed once per cache kind; min_replay_tokens: make
-      pass 1 at least this long (max_new_tokens - 1 + max gamma of a later call).
+      pass 1 at least this long (max_new_tokens - 1 + max gamma of a later call). It maps
+      a cache kind ("int8", "fp") to the target's greedy tokens int32 [B, n] after the
+      prompts; tokens you already have from `generate(..., eos_ids=())` over a cache of
+      that kind (n >= max_new_tokens - 1 + max gamma) are the same tokens and skip pass 1.
     Returns one dict per (method, recipe, gamma): method, recipe, prompt_len, gamma, chunks,
     max_new_tokens, acceptance_rate, tokens_per_round, rounds, accepted, flushes,
     accepted_per_round_hist, seconds (wall time of the loop, compilation included).
@@ -396,7 +401,7 @@ def perplexity(params: Params, config: LlamaConfig, tokens, prefix_len: int, cac
                *, opts: ForwardOptions = DEFAULT_OPTIONS, prefilled: tuple | None = None) -> dict:
     """Perplexity of tokens[:, prefix_len:] given tokens[:, :prefix_len], reading `cache_spec`'s cache.
 
-    tokens int [B, P + N] (N >= 1). The prefix is prefilled exactly; token P is scored from
+    tokens int32 [B, P + N] (N >= 1). The prefix is prefilled exactly; token P is scored from
     the prefill logits, the others teacher-forced in blocks of `block` (<= the cache's
     spec_room, and <= its group size for "int8").
     prefilled: (logits, cache) of the prefix with this cache_spec (to share a prefill).

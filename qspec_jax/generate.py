@@ -14,6 +14,7 @@ import numpy as np
 
 from qspec_jax.cache_spec import CacheSpec
 from qspec_jax.config import LlamaConfig
+from qspec_jax.errors import CacheTooShortError, is_traced, static_instance, static_int, static_int_tuple
 from qspec_jax.model import DEFAULT_OPTIONS, ForwardOptions, Params, forward, gather_rows, lm_logits
 from qspec_jax.sampling import GREEDY, SamplingParams, sample
 
@@ -23,6 +24,8 @@ RUNNING, STOP_EOS, STOP_LENGTH = 0, 1, 2
 
 @flax.struct.dataclass
 class GenerateOutput:
+    """What `generate` returns (a pytree: fine to return from your own jitted function)."""
+
     tokens: jax.Array  # int32 [B, max_new_tokens]; entries past lengths[b] are padding
     lengths: jax.Array  # int32 [B] generated tokens per row (EOS included)
     stop_reason: jax.Array  # int32 [B]: STOP_EOS or STOP_LENGTH
@@ -40,23 +43,47 @@ class DecodeState:
     rng: jax.Array
 
 
-def check_fits(prompt_lengths, max_new_tokens: int, capacity: int, config: LlamaConfig, extra: int = 0):
-    """Raise before compiling if a prompt plus its new tokens cannot fit."""
-    lengths = np.asarray(prompt_lengths)
+def check_fits(prompt_lengths, max_new_tokens: int, capacity: int, config: LlamaConfig, extra: int = 0, *,
+               padded_width: int | None = None):
+    """Raise before compiling if a prompt plus its new tokens cannot fit.
+
+    prompt_lengths: int [B] true prompt lengths (numpy or a concrete jax array). Inside a
+      jitted caller they are tracers and their values are unknown: then the static padded
+      prompt width `padded_width` (tokens.shape[1]) is used as the bound instead.
+    extra: speculative slots (gamma + 1) past the last generated token.
+    Raises CacheTooShortError (a ValueError) with the numbers and the capacity to use.
+    """
+    max_new_tokens = static_int("max_new_tokens", max_new_tokens, where="check_fits")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if lengths.min() < 1:
-        raise ValueError("every prompt needs at least one token")
-    need = int(lengths.max()) + max_new_tokens + extra
+    if is_traced(prompt_lengths):
+        if padded_width is None:
+            return  # nothing known to check before tracing
+        longest, what = int(padded_width), f"padded prompt width {int(padded_width)} (lengths are traced)"
+    else:
+        lengths = np.asarray(prompt_lengths)
+        if lengths.size == 0:
+            raise ValueError("no prompts: lengths is empty")
+        if lengths.min() < 1:
+            raise ValueError("every prompt needs at least one token")
+        longest, what = int(lengths.max()), f"prompt of {int(lengths.max())} tokens"
+    if padded_width is not None and padded_width > capacity:
+        raise CacheTooShortError(
+            f"the padded prompt width {padded_width} exceeds the cache length {capacity} (the prefill writes the "
+            f"whole padded prompt): use CacheSpec(capacity={padded_width + max_new_tokens + extra}, ...) or larger")
+    need = longest + max_new_tokens + extra
     if need > capacity:
-        raise ValueError(
-            f"prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens}"
-            + (f" + {extra} speculative slots" if extra else "")
-            + f" = {need} exceeds the cache length {capacity}; raise cache_len or shorten the prompt")
+        room = capacity - longest - extra
+        hint = f", or max_new_tokens <= {room}" if room >= 1 else ", or a shorter prompt"
+        raise CacheTooShortError(
+            f"{what} + max_new_tokens={max_new_tokens}"
+            + (f" + {extra} speculative slots (gamma + 1)" if extra else "")
+            + f" = {need} exceeds the cache length {capacity}: use CacheSpec(capacity={need}, ...) or larger"
+            + hint)
     if need > config.max_position_embeddings:
         raise ValueError(
             f"prompt + new tokens = {need} exceeds the model's max_position_embeddings="
-            f"{config.max_position_embeddings}")
+            f"{config.max_position_embeddings}: lower max_new_tokens or shorten the prompt")
 
 
 def prefill(params: Params, config: LlamaConfig, tokens, lengths, cache, opts: ForwardOptions):
@@ -72,7 +99,12 @@ def prefill(params: Params, config: LlamaConfig, tokens, lengths, cache, opts: F
 @functools.partial(jax.jit, static_argnames=("config", "cache_spec", "opts"))
 def prefill_cache(params: Params, config: LlamaConfig, tokens, lengths, *, cache_spec: CacheSpec,
                   opts: ForwardOptions = DEFAULT_OPTIONS):
-    """A new cache filled with right-padded prompts -> (last-position logits [B, V], cache)."""
+    """Prefill a new cache (built from the static `cache_spec`) with right-padded prompts.
+
+    tokens int32 [B, T], lengths int32 [B]. Returns (float32 logits [B, V] at each row's
+    last prompt position, the filled cache with lengths = `lengths`). Lets an evaluation
+    prefill once and run several decoders from the same cache (`speculative_from_prefill`).
+    """
     cache = cache_spec.init(config, tokens.shape[0])
     return prefill(params, config, tokens, lengths, cache, opts)
 
@@ -139,22 +171,38 @@ def generate(params: Params, config: LlamaConfig, tokens, lengths, *, max_new_to
              cache_spec: CacheSpec, sampling: SamplingParams = GREEDY, rng=None,
              eos_ids: tuple[int, ...] | None = None, opts: ForwardOptions = DEFAULT_OPTIONS,
              on_tokens=None) -> GenerateOutput:
-    """Decode up to max_new_tokens per row after right-padded prompts.
+    """Autoregressive decoding (the baseline): prefill, then one token per step, all jitted.
 
-    tokens: int32 [B, T] prompts, right padded; lengths: int32 [B] true lengths.
-    cache_spec: which cache (full precision or hierarchical INT8) and its length.
-    eos_ids: stop tokens (default: config.eos_token_ids); () never stops early.
-    on_tokens(tokens [B, k], counts [B]): optional host callback for streaming (costs a
-      host round trip per step; leave None when timing).
+    params: the target's `Params` (float32 or bfloat16 arrays); config: its `LlamaConfig`.
+    tokens: int32 [B, T] prompts, right padded; lengths: int32 [B] true lengths (1..T).
+    max_new_tokens: static int, tokens to generate per row (EOS included).
+    cache_spec: static `CacheSpec`: "fp" (full precision) or "int8" (hierarchical); its
+      capacity must hold max(lengths) + max_new_tokens (and T).
+    sampling: static `SamplingParams` (default greedy); rng: a PRNG key (default key 0).
+    eos_ids: static tuple of stop tokens (default: config.eos_token_ids); () never stops early.
+    opts: static `ForwardOptions` (backend "auto": Pallas kernels on GPU, jnp elsewhere).
+    on_tokens(tokens int32 [B, k], counts int32 [B]): optional host callback for streaming
+      (costs a host round trip per step; leave None when timing).
+    Returns `GenerateOutput`: tokens int32 [B, max_new_tokens] (entries past lengths[b] are
+      padding), lengths int32 [B], stop_reason int32 [B] (STOP_EOS = 1, STOP_LENGTH = 2).
+
+    Can be called inside your own `jax.jit` if config, max_new_tokens, cache_spec,
+    sampling, eos_ids and opts are static there (static_argnames); the cache-length check
+    then uses the padded width T in place of the traced lengths.
     """
+    static_instance("config", config, LlamaConfig, where="generate")
+    static_instance("cache_spec", cache_spec, CacheSpec, where="generate")
+    max_new_tokens = static_int("max_new_tokens", max_new_tokens, where="generate")
     tokens = jnp.asarray(tokens, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
-        raise ValueError(f"tokens must be [B, T] and lengths [B], got {tokens.shape} and {lengths.shape}")
-    check_fits(lengths, max_new_tokens, cache_spec.capacity, config)
-    if np.asarray(lengths).max() > tokens.shape[1]:
-        raise ValueError("a prompt length exceeds the padded prompt width")
+        raise ValueError(f"tokens must be int32 [B, T] and lengths int32 [B], got shapes {tokens.shape} and "
+                         f"{lengths.shape} (a single prompt: tokens[None], lengths[None])")
+    check_fits(lengths, max_new_tokens, cache_spec.capacity, config, padded_width=tokens.shape[1])
+    if not is_traced(lengths) and np.asarray(lengths).max() > tokens.shape[1]:
+        raise ValueError(f"a prompt length ({int(np.asarray(lengths).max())}) exceeds the padded prompt width "
+                         f"{tokens.shape[1]}")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    eos = tuple(config.eos_token_ids) if eos_ids is None else tuple(eos_ids)
+    eos = tuple(config.eos_token_ids) if eos_ids is None else static_int_tuple("eos_ids", eos_ids, where="generate")
     return _generate(params, tokens, lengths, rng, config=config, max_new_tokens=max_new_tokens,
                      sampling=sampling, cache_spec=cache_spec, eos_ids=eos, opts=opts, on_tokens=on_tokens)

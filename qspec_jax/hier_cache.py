@@ -68,6 +68,10 @@ def _update_rows(x, upd, start, axis):
 
 @flax.struct.dataclass
 class HierCache:
+    """The QuantSpec cache (a pytree): per layer a `HierLayer`, lengths int32 [B] committed
+    tokens, group_size (static). `nbytes` counts every stored array (planes, fp16
+    scales/minima, the full-precision buffer)."""
+
     layers: tuple[HierLayer, ...]
     lengths: Array  # int32 [B] committed tokens
     group_size: int = flax.struct.field(pytree_node=False)
@@ -202,8 +206,13 @@ def buffer_size(group_size: int, spec_room: int) -> int:
 
 def init_hier_cache(config: LlamaConfig, batch: int, capacity: int, *, group_size: int = 128,
                     spec_room: int = 16, dtype=jnp.bfloat16) -> HierCache:
-    """An empty hierarchical cache for `capacity` tokens per row.
+    """An empty hierarchical cache for `capacity` tokens per row (`CacheSpec(kind="int8")` builds it).
 
+    Per layer and for K and V: uint8 upper and lower 4-bit planes [batch, kv_heads,
+    capacity, head_dim/2], float16 scales/minima (keys per group of `group_size` tokens,
+    values per token), and a full-precision buffer [batch, kv_heads, 2*group_size +
+    spec_room (rounded up to 16), head_dim] in `dtype`. capacity must be a multiple of
+    group_size (CacheSpec rounds it up for you).
     spec_room: tokens a single forward may add beyond the committed length (gamma + 1);
       it must not exceed group_size.
     """

@@ -15,7 +15,15 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def load_model(checkpoint: str | os.PathLike | None = None, dtype: str = "bfloat16"):
-    """-> (config, params on device in `dtype`, tokenizer). None: the embedded SmolLM2."""
+    """Load a converted qspec-jax checkpoint: -> (config, params, tokenizer).
+
+    checkpoint: a directory written by `convert_checkpoint` / scripts/convert_hf_checkpoint.py,
+      or None for the embedded default model (SmolLM2-135M-Instruct, converted on first use
+      into $QSPEC_CACHE or ~/.cache/qspec_jax).
+    dtype: "bfloat16" (GPU) or "float32" (CPU: bf16 is emulated there).
+    Returns (LlamaConfig, Params with arrays on the default device in `dtype` (matrices
+    [in, out], embed [vocab, hidden]), a Hugging Face tokenizer).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if checkpoint is None:
@@ -27,9 +35,11 @@ def load_model(checkpoint: str | os.PathLike | None = None, dtype: str = "bfloat
 
 
 def encode_prompts(tokenizer, texts: list[str], *, chat: bool = False):
-    """Texts -> right-padded int32 tokens [B, T] and lengths [B].
+    """Texts (a list of B strings, or one string) -> (tokens int32 [B, T], lengths int32 [B]).
 
-    chat=True applies the tokenizer's chat template (one user turn, generation prompt).
+    tokens are right padded with 0 to T = the longest prompt; lengths are the true lengths.
+    chat=True applies the tokenizer's chat template (one user turn, generation prompt);
+    otherwise the tokenizer's special tokens (e.g. BOS) are added as it defines them.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -37,7 +47,8 @@ def encode_prompts(tokenizer, texts: list[str], *, chat: bool = False):
     for text in texts:
         if chat:
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError("this tokenizer has no chat template; drop --chat / chat=True")
+                raise ValueError("this tokenizer has no chat template (a base model?): pass chat=False "
+                                 "(--chat on the command line)")
             ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                 tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
@@ -55,6 +66,10 @@ def encode_prompts(tokenizer, texts: list[str], *, chat: bool = False):
 
 
 def decode_row(tokenizer, tokens, length) -> str:
+    """Text of one generated row: tokens int [N] (e.g. out.tokens[b]), length int (out.lengths[b]).
+
+    Special tokens (EOS, chat markers) are skipped.
+    """
     return tokenizer.decode(np.asarray(tokens)[: int(length)].tolist(), skip_special_tokens=True)
 
 

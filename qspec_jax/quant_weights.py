@@ -24,6 +24,9 @@ STAT_DTYPE = jnp.float16
 
 @flax.struct.dataclass
 class QuantizedWeight:
+    """An INT4 weight [in_features, out] (a pytree leaf group): two 4-bit codes per byte,
+    asymmetric per group of `group_size` input rows: w ~ code * scale + minimum."""
+
     packed: jax.Array  # uint8 [n_groups * G/2, out]
     scale: jax.Array  # float16 [n_groups, out]
     minimum: jax.Array  # float16 [n_groups, out]

@@ -17,6 +17,13 @@ NEG_INF = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How tokens are drawn from float32 logits [B, V] (frozen: a static jit argument).
+
+    temperature 0 (default, `GREEDY`) takes the argmax; > 0 samples softmax(logits / T)
+    after top_k (0 = off) and top_p (1 = off) filtering. With sampling, speculative
+    decoding keeps the target's distribution exactly (speculative sampling).
+    """
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off

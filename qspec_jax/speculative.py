@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import flax.struct
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 
 from qspec_jax.cache_spec import CacheSpec
 from qspec_jax.config import LlamaConfig
+from qspec_jax.errors import DraftMismatchError, is_traced, static_instance, static_int, static_int_tuple
 from qspec_jax.generate import RUNNING, STOP_EOS, STOP_LENGTH, check_fits, emit, is_eos, prefill
 from qspec_jax.hier_cache import DRAFT, TARGET
 from qspec_jax.kv_cache import StreamingView
@@ -39,8 +41,12 @@ class SpecMethod:
     """How the draft reads the cache, and which cache is used.
 
     quantspec():  hierarchical INT4/INT8 cache; draft reads the upper plane, target both.
-    streaming():  full-precision cache; draft reads attention sinks + a recent window
-                  (MagicDec-style StreamingLLM self-speculation), target reads it all.
+                  Use with an INT4 draft (`make_draft`) and CacheSpec(kind="int8").
+    streaming(window, sink=4):  full-precision cache; draft reads `sink` attention sinks +
+                  the last `window` tokens (MagicDec-style StreamingLLM self-speculation),
+                  target reads it all. Use with draft_params = target_params and
+                  CacheSpec(kind="fp").
+    Frozen and hashable: a static argument under `jax.jit`.
     """
 
     name: str
@@ -54,17 +60,29 @@ class SpecMethod:
 
     @staticmethod
     def streaming(window: int, sink: int = 4) -> "SpecMethod":
+        window = static_int("window", window, where="SpecMethod.streaming")
+        sink = static_int("sink", sink, where="SpecMethod.streaming")
+        if window < 1 or sink < 0:
+            raise ValueError(f"StreamingLLM needs window >= 1 and sink >= 0, got window={window}, sink={sink}")
         return SpecMethod("streaming", StreamingView(sink=sink, window=window), None, "fp")
 
 
 @flax.struct.dataclass
 class SpecStats:
+    """Acceptance statistics of one `speculative_generate` call (device arrays; a pytree).
+
+    `summary(gamma)` -> dict with acceptance_rate (accepted drafts / (gamma * rounds)),
+    tokens_per_round ((accepted + rounds) / rounds: tokens per target pass), rounds,
+    accepted, flushes and accepted_per_round_hist (rounds by number of accepted drafts).
+    """
+
     rounds: jax.Array  # int32 [B] rounds each row took part in
     accepted: jax.Array  # int32 [B] draft tokens accepted
     flushes: jax.Array  # int32 [B] groups quantized during decoding
     accept_hist: jax.Array  # int32 [gamma + 1] rounds by number of accepted drafts
 
     def summary(self, gamma: int) -> dict:
+        """Totals over the batch as plain Python numbers (one host transfer)."""
         rounds = int(np.sum(self.rounds))
         acc = int(np.sum(self.accepted))
         return {
@@ -80,6 +98,8 @@ class SpecStats:
 
 @flax.struct.dataclass
 class SpecOutput:
+    """What `speculative_generate` returns: like `GenerateOutput`, plus `stats` (SpecStats)."""
+
     tokens: jax.Array  # int32 [B, max_new_tokens]
     lengths: jax.Array  # int32 [B]
     stop_reason: jax.Array  # int32 [B]
@@ -98,16 +118,21 @@ class SpecState:
     stats: SpecStats
 
 
-def validate_gamma(gamma: int, cache_spec: CacheSpec) -> None:
-    if not isinstance(gamma, (int, np.integer)) or isinstance(gamma, bool):
-        raise TypeError(f"gamma must be a Python int (a static value), got {type(gamma).__name__}")
+def validate_gamma(gamma: int, cache_spec: CacheSpec, *, where: str = "speculative_generate") -> int:
+    """gamma as a Python int, checked against the cache; errors say what to change."""
+    static_instance("cache_spec", cache_spec, CacheSpec, where=where)
+    gamma = static_int("gamma", gamma, where=where)
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
+    if cache_spec.kind == "int8" and gamma + 1 > cache_spec.group_size:
+        raise ValueError(f"gamma={gamma}: gamma + 1 must not exceed the KV group size {cache_spec.group_size}: "
+                         f"use gamma <= {cache_spec.group_size - 1} or CacheSpec(group_size="
+                         f"{-(-(gamma + 1) // 2) * 2} or larger, spec_room={gamma + 1})")
     if cache_spec.spec_room < gamma + 1:
         raise ValueError(f"gamma={gamma} needs cache spec_room >= gamma + 1 = {gamma + 1}, "
-                         f"the cache has spec_room={cache_spec.spec_room}")
-    if cache_spec.kind == "int8" and gamma + 1 > cache_spec.group_size:
-        raise ValueError(f"gamma={gamma}: gamma + 1 must not exceed the KV group size {cache_spec.group_size}")
+                         f"the cache has spec_room={cache_spec.spec_room}: use "
+                         f"dataclasses.replace(cache_spec, spec_room={gamma + 1}) or a smaller gamma")
+    return gamma
 
 
 def accept_greedy(draft_tokens, target_logits):
@@ -244,55 +269,107 @@ def speculative_generate(target_params: Params, draft_params: Params, config: Ll
                          method: SpecMethod | None = None, sampling: SamplingParams = GREEDY, rng=None,
                          eos_ids: tuple[int, ...] | None = None,
                          opts: ForwardOptions = DEFAULT_OPTIONS, on_tokens=None) -> SpecOutput:
-    """Speculative decoding of right-padded prompts.
+    """Self-speculative decoding (QuantSpec by default) of right-padded prompts, all jitted.
 
-    target_params: full-precision params; draft_params: the same model with INT4 weights
-      (`quantize.make_draft`) for QuantSpec, or target_params for StreamingLLM.
-    tokens int32 [B, T], lengths int32 [B]. gamma, max_new_tokens: static ints.
-    cache_spec: kind "int8" for QuantSpec, "fp" for StreamingLLM; its spec_room must be
-      >= gamma + 1 and its capacity >= prompt + max_new_tokens + gamma + 1.
+    target_params: the full-precision `Params`; draft_params: the same model with INT4
+      weights (`make_draft` / `get_or_make_draft`) for QuantSpec, or target_params itself
+      for `SpecMethod.streaming(...)`.
+    config: the target's `LlamaConfig` (static).
+    tokens: int32 [B, T] prompts, right padded; lengths: int32 [B] true lengths (1..T).
+    gamma: static int >= 1, draft tokens per round.
+    max_new_tokens: static int, tokens to generate per row (EOS included).
+    cache_spec: static `CacheSpec`: kind "int8" for QuantSpec, "fp" for StreamingLLM; its
+      spec_room must be >= gamma + 1 and its capacity >= max(lengths) + max_new_tokens +
+      gamma + 1 (and >= T).
+    method: static `SpecMethod` (default `SpecMethod.quantspec()`).
+    sampling: static `SamplingParams` (default greedy); rng: PRNG key (default key 0).
+    eos_ids: static tuple of stop tokens (default config.eos_token_ids); () never stops.
+    opts: static `ForwardOptions`.
+    on_tokens(tokens int32 [B, k], counts int32 [B]): optional host callback for streaming.
+    Returns `SpecOutput`: tokens int32 [B, max_new_tokens], lengths int32 [B], stop_reason
+      int32 [B], stats `SpecStats` (`out.stats.summary(gamma)` for the acceptance rate).
     Greedy sampling reproduces greedy decoding of the target over the same cache.
-    on_tokens(tokens [B, k], counts [B]): optional host callback for streaming.
+
+    Inside your own `jax.jit`: mark config, gamma, max_new_tokens, cache_spec, method,
+    sampling, eos_ids and opts static (see docs/api.md); params, tokens, lengths and rng
+    may be traced. A traced gamma or max_new_tokens raises StaticArgumentError, a cache
+    too short CacheTooShortError, a draft of other shapes DraftMismatchError.
     """
+    where = "speculative_generate"
     method = SpecMethod.quantspec() if method is None else method
+    static_instance("method", method, SpecMethod, where=where)
+    static_instance("config", config, LlamaConfig, where=where)
+    gamma = validate_gamma(gamma, cache_spec, where=where)
+    max_new_tokens = static_int("max_new_tokens", max_new_tokens, where=where)
     if method.cache_kind != cache_spec.kind:
         raise ValueError(f"method {method.name!r} needs a cache of kind {method.cache_kind!r}, "
-                         f"got cache_spec.kind={cache_spec.kind!r}")
-    validate_gamma(gamma, cache_spec)
+                         f"got cache_spec.kind={cache_spec.kind!r}: use "
+                         f"dataclasses.replace(cache_spec, kind={method.cache_kind!r})")
     tokens = jnp.asarray(tokens, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
-        raise ValueError(f"tokens must be [B, T] and lengths [B], got {tokens.shape} and {lengths.shape}")
-    check_fits(lengths, max_new_tokens, cache_spec.capacity, config, extra=gamma + 1)
+        raise ValueError(f"tokens must be int32 [B, T] and lengths int32 [B], got shapes {tokens.shape} and "
+                         f"{lengths.shape} (a single prompt: tokens[None], lengths[None])")
+    check_fits(lengths, max_new_tokens, cache_spec.capacity, config, extra=gamma + 1, padded_width=tokens.shape[1])
     if isinstance(method.draft_view, StreamingView):
         v = method.draft_view
         if cache_spec.capacity < v.sink + v.window + gamma:
-            raise ValueError(f"StreamingLLM window {v.window} + sink {v.sink} + gamma does not fit "
-                             f"the cache length {cache_spec.capacity}")
+            raise ValueError(f"StreamingLLM window {v.window} + sink {v.sink} + gamma {gamma} = "
+                             f"{v.sink + v.window + gamma} does not fit the cache length {cache_spec.capacity}: "
+                             f"use a smaller window or CacheSpec(capacity >= {v.sink + v.window + gamma})")
     _check_draft_matches(target_params, draft_params, config)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    eos = tuple(config.eos_token_ids) if eos_ids is None else tuple(eos_ids)
-    return _speculative(target_params, draft_params, tokens, lengths, rng, config=config, gamma=int(gamma),
+    eos = tuple(config.eos_token_ids) if eos_ids is None else static_int_tuple("eos_ids", eos_ids, where=where)
+    return _speculative(target_params, draft_params, tokens, lengths, rng, config=config, gamma=gamma,
                         max_new_tokens=max_new_tokens, method=method, cache_spec=cache_spec,
                         sampling=sampling, eos_ids=eos, opts=opts, on_tokens=on_tokens)
 
 
 speculative_from_prefill = jax.jit(_spec_loop, static_argnames=_STATIC)
-speculative_from_prefill.__doc__ = """Decode loop only, from `prefill_cache` output: lets an evaluation
-prefill once and sweep gamma or drafts. Same arguments as `_spec_loop` (no validation:
-call `validate_gamma` and `check_fits` first)."""
+speculative_from_prefill.__doc__ = """The speculative decode loop alone, from a prefilled cache (jitted).
+
+    speculative_from_prefill(target_params, draft_params, cache, logits, rng, *, config,
+                             gamma, max_new_tokens, method, cache_spec, sampling, eos_ids, opts)
+
+`logits, cache = prefill_cache(..., cache_spec=cache_spec)` gives cache and logits
+(float32 [B, V] at each row's last prompt position); rng: a PRNG key; the keyword arguments are
+static, as in `speculative_generate`. Returns `SpecOutput` (tokens int32 [B, max_new_tokens],
+lengths int32 [B], stats). Lets an evaluation prefill
+once and sweep gamma or drafts. No validation here: call `validate_gamma` and
+`check_fits` first (speculative_generate does)."""
+
+
+_REBUILD = ("rebuild the draft from this target: make_draft(target_params, DraftRecipe(...)), or "
+            "get_or_make_draft(checkpoint_dir, target_params, config, recipe), which refuses a stored draft of "
+            "another model (DraftMismatchError; delete <checkpoint>/drafts/<recipe> to rebuild it)")
 
 
 def _check_draft_matches(target: Params, draft: Params, config: LlamaConfig) -> None:
-    """A draft from another model fails here, with a message, not deep inside tracing."""
+    """A draft from another model fails here, with a message, not deep inside tracing.
+
+    Shapes must match (DraftMismatchError). A draft of the same shapes whose full-precision
+    tensors (the norms, which `make_draft` shares with the target) differ is another model
+    of the same architecture: decoding stays lossless but acceptance collapses, so it is a
+    warning, not an error (checked only when the params are concrete, not traced).
+    """
     if len(draft.layers) != len(target.layers) or len(target.layers) != config.num_layers:
-        raise ValueError(f"draft has {len(draft.layers)} layers, target {len(target.layers)}, config "
-                         f"{config.num_layers}: the draft must be made from this target")
+        raise DraftMismatchError(f"draft has {len(draft.layers)} layers, target {len(target.layers)}, config "
+                                 f"{config.num_layers}: the draft must be made from this target; {_REBUILD}")
     if draft.embed.shape != target.embed.shape:
-        raise ValueError(f"draft embedding {draft.embed.shape} != target {target.embed.shape}: "
-                         "the draft must be made from this target")
+        raise DraftMismatchError(f"draft embedding {draft.embed.shape} != target {target.embed.shape}: "
+                                 f"the draft must be made from this target; {_REBUILD}")
     tl, dl = target.layers[0], draft.layers[0]
     for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
         if tuple(getattr(dl, f).shape) != tuple(getattr(tl, f).shape):
-            raise ValueError(f"draft layer weight {f} has shape {tuple(getattr(dl, f).shape)}, target "
-                             f"{tuple(getattr(tl, f).shape)}: the draft must be made from this target")
+            raise DraftMismatchError(f"draft layer weight {f} has shape {tuple(getattr(dl, f).shape)}, target "
+                                     f"{tuple(getattr(tl, f).shape)}: the draft must be made from this target; "
+                                     f"{_REBUILD}")
+    pairs = [(draft.final_norm, target.final_norm), (dl.attn_norm, tl.attn_norm),
+             (draft.layers[-1].mlp_norm, target.layers[-1].mlp_norm)]
+    if any(a is b for a, b in pairs) or any(is_traced(a) or is_traced(b) for a, b in pairs):
+        return
+    same = all(np.array_equal(np.asarray(jnp.asarray(a).astype(jnp.bfloat16)),
+                              np.asarray(jnp.asarray(b).astype(jnp.bfloat16))) for a, b in pairs)
+    if not same:
+        warnings.warn("draft_params hold other norm weights than target_params: a draft from another model? "
+                      "Decoding stays exact but acceptance will be poor; " + _REBUILD, stacklevel=3)
