@@ -643,17 +643,29 @@ def _infer_llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int, path: 
 # (StarCoder-family vocabularies, e.g. SmolLM). transformers' GGUF converter does not know them.
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell"}
 
+# tokenizer_config name -> GGUF metadata key (tokenizer.ggml.<key>) of the special token ids.
+# Our own table: transformers keeps its copy private, and it is absent from some 5.x releases
+# (5.17, the GPU machine's, failed to import it).
+_GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                        "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
 
 def _gguf_tokenizer(meta: _GgufMeta, arch: str, path: Path):
     """Rebuild the fast tokenizer from GGUF metadata, as transformers' `get_gguf_tokenizer` /
     `convert_gguf_tokenizer` do, but reading the metadata with the gguf package (transformers'
     own GGUF reader imports torch)."""
+    import transformers
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        _SPECIAL_TOKENS,
-        GGUF_TOKENIZER_MAPPING,
-        convert_gguf_tokenizer,
-    )
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError as e:  # the module was reorganized between 5.x releases (5.17 lacks these)
+        raise CheckpointError(
+            f"{path}: building a tokenizer from GGUF metadata needs transformers >= 5.24 "
+            f"(installed: {transformers.__version__}; {e}). Upgrade transformers, or convert a Hugging "
+            f"Face directory instead (it carries tokenizer.json)") from None
 
     if "tokenizer.ggml.tokens" not in meta:
         raise CheckpointError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens)")
@@ -666,7 +678,7 @@ def _gguf_tokenizer(meta: _GgufMeta, arch: str, path: Path):
     tokenizer_type = tok_dict.get("tokenizer_type")
     if tokenizer_type == "llama":
         tok_config.setdefault("add_bos_token", True)
-    for name, key in _SPECIAL_TOKENS.items():
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
         tid = meta.get(f"tokenizer.ggml.{key}")
         if tid is not None and not 0 <= int(tid) < len(tokens):
             raise CheckpointError(f"{path}: tokenizer.ggml.{key}={tid} is outside the vocabulary")
