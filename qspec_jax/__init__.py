@@ -30,6 +30,7 @@ Decode
     prefill_cache, speculative_from_prefill   prefill once, decode many times
     init_fp_cache, init_hier_cache       the caches themselves (CacheSpec.init builds them;
                                          CacheSpec.nbytes(config, batch) sizes them)
+    Params, LayerParams, KVCache, HierCache   the pytrees passed in and out
 
 Evaluate
     acceptance_sweep(params, config, prompts int32 [B, P], drafts=, gammas=, mode="replay")
@@ -84,6 +85,10 @@ _EXPORTS = {
     "SamplingParams": "sampling",
     "GREEDY": "sampling",
     "ForwardOptions": "model",
+    "Params": "model",
+    "LayerParams": "model",
+    "KVCache": "kv_cache",
+    "HierCache": "hier_cache",
     # evaluation and data
     "acceptance_sweep": "evaluation",
     "perplexity": "evaluation",

@@ -53,6 +53,10 @@ def per_query(fn, q, *args):
 
 @flax.struct.dataclass
 class KVCache:
+    """Full-precision KV cache (a pytree): per layer K and V [B, KV heads, S, head_dim] in the
+    cache dtype, and lengths int32 [B] (committed tokens per row). Build it with
+    `CacheSpec(capacity, "fp", dtype).init(config, batch)` or `init_cache`."""
+
     k: tuple[Array, ...]  # per layer [B, KVH, S, D]
     v: tuple[Array, ...]
     lengths: Array  # [B] int32, committed tokens per row

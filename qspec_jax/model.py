@@ -31,6 +31,9 @@ Weight = Any  # jax.Array [in, out] or QuantizedWeight
 
 @flax.struct.dataclass
 class LayerParams:
+    """One decoder layer's weights (a pytree). Linear weights are [in, out] arrays in the
+    model dtype, or `QuantizedWeight` (INT4) in a draft; Qwen2 q/k/v biases are [out] or None."""
+
     attn_norm: Array  # [hidden]
     wq: Weight  # [hidden, heads*head_dim]
     wk: Weight  # [hidden, kv_heads*head_dim]
@@ -47,6 +50,10 @@ class LayerParams:
 
 @flax.struct.dataclass
 class Params:
+    """All model weights (a pytree, jit argument): embed [vocab, hidden], `layers` (a tuple of
+    `LayerParams`, unrolled in `forward`), final_norm [hidden], lm_head [hidden, vocab] or None
+    when tied to the embedding. A draft (`make_draft`) has the same structure with INT4 leaves."""
+
     embed: Array  # [vocab, hidden]
     layers: tuple[LayerParams, ...]
     final_norm: Array  # [hidden]
