@@ -166,6 +166,12 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
                                             at(cache, c), logits, key)
             o["round_acceptance_random_weights"] = res.stats.summary(g)["acceptance_rate"]
             print(f"# ctx {c}: round {o['round_ms']:.3f} ms", flush=True)
+            if args.profile:  # kernels per round: one jitted call of `rounds` rounds under the profiler
+                f = jax.jit(lambda *a: rounds_fn(*a).tokens)
+                jax.block_until_ready(f(params, draft, at(cache, c), logits, key))  # compile outside
+                prof = profile_top(lambda: f(params, draft, at(cache, c), logits, key), rounds, top=12)
+                prof.pop("_out")
+                o["round_profile"] = prof
     del cache
     if "stream" in args.parts:
         fp = CacheSpec(capacity=cap, kind="fp", dtype="bfloat16", spec_room=g + 1)
