@@ -133,33 +133,43 @@ def _dot(a, b, *, trans_a=False, trans_b=False, precision=None):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, k, n, ng, g, block_n, gpi, gps, cdt, magic,
-                 orient, n_ragged, split_out, prefetch):
+def _column_block(p_ref, *, n, ng, g, block_n, gps, n_ragged):
+    """What both kernels' programs share: program (j, sk) owns output columns
+    [j*block_n, +block_n) (masked past N when ragged) and K groups [sk*gps, g_end).
+
+    Returns (col0, cmask, g_begin, g_end, load_cols, load_tile): load_cols(ref, row) reads
+    row `row` of a [n_groups, N] stats array as f32 [block_n]; load_tile(gi) reads group gi's
+    packed tile, uint8 [G/2, block_n] (zeros past N)."""
     half = g // 2
-    j = pl.program_id(0)
-    sk = pl.program_id(1)
-    col0 = pl.multiple_of(j * block_n, block_n)
-    cols = col0 + jnp.arange(block_n, dtype=jnp.int32)
-    cmask = cols < n if n_ragged else None
-    g_begin = sk * gps
+    col0 = pl.multiple_of(pl.program_id(0) * block_n, block_n)
+    cmask = (col0 + jnp.arange(block_n, dtype=jnp.int32)) < n if n_ragged else None
+    g_begin = pl.program_id(1) * gps
     g_end = jnp.minimum(g_begin + gps, ng)
-    f32 = jnp.float32
-    xrow_mask = (jnp.arange(mp, dtype=jnp.int32) < m)[:, None]
-    k_ragged = k != ng * g
-    prec = lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
 
-    def load_cols(ref, row):  # [block_n] f32
+    def load_cols(ref, row):
         if n_ragged:
-            v = plgpu.load(ref.at[row, pl.ds(col0, block_n)], mask=cmask, other=0.0)
-        else:
-            v = ref[row, pl.ds(col0, block_n)]
-        return v.astype(f32)
+            return plgpu.load(ref.at[row, pl.ds(col0, block_n)], mask=cmask, other=0.0).astype(jnp.float32)
+        return ref[row, pl.ds(col0, block_n)].astype(jnp.float32)
 
-    def load_tile(gi):  # [half, block_n] uint8
+    def load_tile(gi):
         rows = pl.ds(pl.multiple_of(gi * half, half), half)
         if n_ragged:
             return plgpu.load(p_ref.at[rows, pl.ds(col0, block_n)], mask=cmask[None, :], other=0)
         return p_ref[rows, pl.ds(col0, block_n)]
+
+    return col0, cmask, g_begin, g_end, load_cols, load_tile
+
+
+def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, k, n, ng, g, block_n, gpi, gps, cdt, magic,
+                 orient, n_ragged, split_out, prefetch):
+    half = g // 2
+    sk = pl.program_id(1)
+    col0, cmask, g_begin, g_end, load_cols, load_tile = _column_block(
+        p_ref, n=n, ng=ng, g=g, block_n=block_n, gps=gps, n_ragged=n_ragged)
+    f32 = jnp.float32
+    xrow_mask = (jnp.arange(mp, dtype=jnp.int32) < m)[:, None]
+    k_ragged = k != ng * g
+    prec = lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
 
     def load_x(c0):  # x[:, c0:c0+half] as [mp, half] in cdt, zero outside [m, k]
         mask = xrow_mask
@@ -262,26 +272,11 @@ def _int4_simt_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, k, n, ng, g, blo
     (one OR and one exact subtraction instead of an int->float conversion) when magic.
     """
     half = g // 2
-    j = pl.program_id(0)
     sk = pl.program_id(1)
-    col0 = pl.multiple_of(j * block_n, block_n)
-    cols = col0 + jnp.arange(block_n, dtype=jnp.int32)
-    cmask = cols < n if n_ragged else None
-    g_begin = sk * gps
-    g_end = jnp.minimum(g_begin + gps, ng)
+    col0, cmask, g_begin, g_end, load_cols, load_tile = _column_block(
+        p_ref, n=n, ng=ng, g=g, block_n=block_n, gps=gps, n_ragged=n_ragged)
     f32 = jnp.float32
     k_ragged = k != ng * g
-
-    def load_cols(ref, row):
-        if n_ragged:
-            return plgpu.load(ref.at[row, pl.ds(col0, block_n)], mask=cmask, other=0.0).astype(f32)
-        return ref[row, pl.ds(col0, block_n)].astype(f32)
-
-    def load_tile(gi):
-        rows = pl.ds(pl.multiple_of(gi * half, half), half)
-        if n_ragged:
-            return plgpu.load(p_ref.at[rows, pl.ds(col0, block_n)], mask=cmask[None, :], other=0)
-        return p_ref[rows, pl.ds(col0, block_n)]
 
     def load_x(r, c0):  # [half] f32, zero past K
         if k_ragged:
