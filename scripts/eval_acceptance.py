@@ -281,6 +281,16 @@ def print_table(res: dict) -> None:
               f"({100 * (r['int8_ppl'] / r['fp_ppl'] - 1):+.3f}%)")
 
 
+def write_outputs(res: dict, args) -> None:
+    """Write the results JSON and the markdown report where --json / --markdown say."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(render_markdown(res))
+
+
 def rerender(ap: argparse.ArgumentParser, args) -> int:
     parts = []
     for path in args.from_json:
@@ -303,12 +313,7 @@ def rerender(ap: argparse.ArgumentParser, args) -> int:
         m.setdefault("notes", []).extend(n for n in pm.get("notes", []) if n not in m.get("notes", []))
     res["meta"].setdefault("notes", [])
     res["meta"]["notes"] += [n for n in args.note if n not in res["meta"]["notes"]]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(render_markdown(res))
+    write_outputs(res, args)
     print_table(res)
     return 0
 
@@ -399,12 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def dump():
         res["meta"]["runtime_s"] = round(time.time() - t_start)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(render_markdown(res))
+        write_outputs(res, args)
 
     gmax = max(args.gamma_list + (args.compare_gamma_list if args.compare_recipes else []))
     for p in args.prompt_lens:
