@@ -122,29 +122,28 @@ def plots(args, dec, summary):
     os.makedirs(args.plots, exist_ok=True)
     card = dec["card"]
     ctx = [s["context"] // 1024 for s in summary]
+
+    def save(fig, ax, ylabel, title, name, legend_size=8):
+        ax.set_xlabel("context (K tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.plots, name), dpi=120)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ctx, [s["speedup"] for s in summary], "o-", label="projected from measured times (best gamma)")
     ax.plot(ctx, [s["ideal"] for s in summary], "s--", label="ideal (byte model)")
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("context (K tokens)")
-    ax.set_ylabel("speedup over autoregressive (a = 0.9)")
-    ax.set_title(f"QuantSpec, Llama-3.1-8B shape, {card}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.plots, "speedup_vs_context.png"), dpi=120)
-    plt.close(fig)
+    save(fig, ax, "speedup over autoregressive (a = 0.9)", f"QuantSpec, Llama-3.1-8B shape, {card}",
+         "speedup_vs_context.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("mem_ar", "autoregressive (bf16 KV)"), ("mem_qs", "QuantSpec"),
                        ("mem_magicdec", "StreamingLLM + 1/4 draft cache")):
         ax.plot(ctx, [s[key] / 1e9 for s in summary], "o-", label=label)
-    ax.set_xlabel("context (K tokens)")
-    ax.set_ylabel("GB held (weights + caches)")
-    ax.set_title(f"Memory, Llama-3.1-8B shape, batch 1", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.plots, "memory_vs_context.png"), dpi=120)
-    plt.close(fig)
+    save(fig, ax, "GB held (weights + caches)", "Memory, Llama-3.1-8B shape, batch 1", "memory_vs_context.png")
 
     if args.kernels:
         k = json.load(open(args.kernels))
@@ -162,13 +161,8 @@ def plots(args, dec, summary):
         if ceiling:
             ax.axhline(ceiling, color="gray", lw=0.8, label=f"copy ceiling {ceiling:.2f} TB/s")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (K tokens)")
-        ax.set_ylabel("TB/s of bytes that must be read")
-        ax.set_title(f"Attention kernels, 32 q heads / 8 KV heads / d 128, {card}", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.plots, "kernel_bandwidth.png"), dpi=120)
-        plt.close(fig)
+        save(fig, ax, "TB/s of bytes that must be read",
+             f"Attention kernels, 32 q heads / 8 KV heads / d 128, {card}", "kernel_bandwidth.png", legend_size=7)
 
 
 if __name__ == "__main__":
