@@ -171,3 +171,15 @@ def test_params_flat_round_trip_and_shape_errors():
     del missing["layers.0.bk"]
     with pytest.raises(ValueError, match="lack"):
         params_from_flat(missing, cfg)
+
+
+def test_fp_cache_length_is_aligned_from_1024_tokens():
+    """Long fp caches round their length up to CAPACITY_ALIGN (an unaligned length made XLA copy
+    the whole K cache of every layer at every decode step on the GPU); short ones stay exact."""
+    from qspec_jax.kv_cache import CAPACITY_ALIGN
+
+    cfg = tiny_config()
+    assert CAPACITY_ALIGN % 256 == 0
+    assert init_cache(cfg, 1, 1500, jnp.float32).capacity == 2048
+    assert init_cache(cfg, 1, 2048, jnp.float32).capacity == 2048
+    assert init_cache(cfg, 1, 40, jnp.float32).capacity == 40
