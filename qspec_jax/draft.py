@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from qspec_jax.model import Params
 from qspec_jax.quant_weights import QuantizedWeight, check_group_size, quantize_rtn
 
-ATTN_WEIGHTS = ("wq", "wk", "wv", "wo")
-MLP_WEIGHTS = ("w_gate", "w_up", "w_down")
+ATTN_WEIGHTS = ("wqkv", "wo")  # LayerParams fields (q/k/v and gate/up are fused)
+MLP_WEIGHTS = ("w_gate_up", "w_down")
 SCOPES = ("all", "mlp")
 
 
@@ -49,8 +49,7 @@ class DraftRecipe:
 def make_draft(params: Params, recipe: DraftRecipe = DraftRecipe(), *, quantizer=None) -> Params:
     """Target params -> draft params: the same `Params` with the recipe's weights replaced
     by INT4 `QuantizedWeight` leaves (round-to-nearest, asymmetric, per group of
-    G = `recipe.group_size` input rows: uint8 packed codes [ceil(in/G)*G/2, out], float16
-    scale and minimum [ceil(in/G), out]). Every other tensor (embedding, norms) is the
+    G = `recipe.group_size` input rows; layout in `qspec_jax.quant_weights`). Every other tensor (embedding, norms) is the
     target's own array.
 
     quantizer(name, layer_index, w) -> QuantizedWeight overrides round-to-nearest (GPTQ).
@@ -59,7 +58,7 @@ def make_draft(params: Params, recipe: DraftRecipe = DraftRecipe(), *, quantizer
     if recipe.method == "gptq" and quantizer is None:
         raise ValueError("method='gptq' needs calibration: use qspec_jax.gptq.make_gptq_draft")
     quant = quantizer or (lambda name, i, w: quantize_rtn(w, recipe.group_size))
-    in_dims = {w.shape[0] for layer in params.layers for w in (layer.wq, layer.w_down)}
+    in_dims = {w.shape[0] for layer in params.layers for w in (layer.wqkv, layer.w_down)}
     for k in sorted(in_dims):
         if k % recipe.group_size:
             warnings.warn(f"input dimension {k} is not a multiple of the weight group size "

@@ -68,11 +68,11 @@ def target_fingerprint(params: Params, config: LlamaConfig) -> str:
     bfloat16 load of one checkpoint agree)."""
     h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     first, last = params.layers[0], params.layers[-1]
-    for w in (first.wq, last.w_down):
+    for w in (first.wqkv, last.w_down):
         if isinstance(w, QuantizedWeight):
             raise ValueError("target params hold INT4 weights: pass the full-precision target, not a draft")
     stride = max(1, params.embed.shape[0] // 257)
-    for name, arr in (("embed", params.embed[::stride]), ("layers.0.wq", first.wq),
+    for name, arr in (("embed", params.embed[::stride]), ("layers.0.wqkv", first.wqkv),
                       (f"layers.{len(params.layers) - 1}.w_down", last.w_down), ("final_norm", params.final_norm)):
         h.update(f"{name}:{tuple(arr.shape)}".encode())
         h.update(_bf16_bytes(arr))

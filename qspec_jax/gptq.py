@@ -40,7 +40,7 @@ import numpy as np
 from qspec_jax.attention import causal_prefill_attention
 from qspec_jax.config import LlamaConfig
 from qspec_jax.draft import ATTN_WEIGHTS, MLP_WEIGHTS, DraftRecipe, make_draft
-from qspec_jax.model import Params, rms_norm
+from qspec_jax.model import Params, qkv_sizes, rms_norm, split_columns
 from qspec_jax.quant_weights import QuantizedWeight, check_group_size, dequantize_weight, pack_weight
 from qspec_jax.rope import apply_rope, rope_tables
 
@@ -161,15 +161,16 @@ def _attn_input(x, norm, *, config):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _attention(h, wq, wk, wv, bq, bk, bv, *, config):
+def _attention(h, wqkv, bqkv, *, config):
     """Attention over the calibration rows (all tokens real, positions 0..T-1) -> [N, T, heads*D]."""
     n, t, _ = h.shape
     hd = config.head_dim
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     cos, sin = rope_tables(config, pos)
-    q = (h @ wq + bq).reshape(n, t, config.num_heads, hd)
-    k = (h @ wk + bk).reshape(n, t, config.num_kv_heads, hd)
-    v = (h @ wv + bv).reshape(n, t, config.num_kv_heads, hd)
+    q, k, v = split_columns(h @ wqkv + bqkv, qkv_sizes(config))
+    q = q.reshape(n, t, config.num_heads, hd)
+    k = k.reshape(n, t, config.num_kv_heads, hd)
+    v = v.reshape(n, t, config.num_kv_heads, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return causal_prefill_attention(q, k, v, block=512).reshape(n, t, -1)
 
@@ -181,8 +182,9 @@ def _post_attn(x, a, wo, norm, *, config):
 
 
 @jax.jit
-def _act(hm, w_gate, w_up):
-    return jax.nn.silu(hm @ w_gate) * (hm @ w_up)
+def _act(hm, w_gate_up):
+    gate, up = jnp.split(hm @ w_gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
 
 
 @jax.jit
@@ -228,33 +230,25 @@ def make_gptq_draft(params: Params, config: LlamaConfig, calib_tokens, recipe: D
 
     embed = jnp.asarray(params.embed, jnp.float32)
     xs = [embed[jnp.asarray(c, jnp.int32)] for c in _split(calib, batch)]
-    zq = jnp.zeros((config.num_heads * config.head_dim,), jnp.float32)
-    zk = jnp.zeros((config.num_kv_heads * config.head_dim,), jnp.float32)
+    zqkv = jnp.zeros((sum(qkv_sizes(config)),), jnp.float32)
     for i, layer in enumerate(params.layers):
         w = {f: _dense(getattr(layer, f)) for f in ATTN_WEIGHTS + MLP_WEIGHTS}
-        bq = zq if layer.bq is None else jnp.asarray(layer.bq, jnp.float32)
-        bk = zk if layer.bk is None else jnp.asarray(layer.bk, jnp.float32)
-        bv = zk if layer.bv is None else jnp.asarray(layer.bv, jnp.float32)
+        bqkv = zqkv if layer.bqkv is None else jnp.asarray(layer.bqkv, jnp.float32)
         attn_norm = jnp.asarray(layer.attn_norm, jnp.float32)
         mlp_norm = jnp.asarray(layer.mlp_norm, jnp.float32)
         hs = [_attn_input(x, attn_norm, config=config) for x in xs]
-        if names & {"wq", "wk", "wv"}:
-            hess = sum(np.asarray(_xtx(h), np.float64) for h in hs)
-            for f in ("wq", "wk", "wv"):
-                if f in names:
-                    w[f] = quant(f, i, w[f], hess)
-        attn = [_attention(h, w["wq"], w["wk"], w["wv"], bq, bk, bv, config=config) for h in hs]
+        if "wqkv" in names:
+            w["wqkv"] = quant("wqkv", i, w["wqkv"], sum(np.asarray(_xtx(h), np.float64) for h in hs))
+        attn = [_attention(h, w["wqkv"], bqkv, config=config) for h in hs]
         del hs
         if "wo" in names:
             w["wo"] = quant("wo", i, w["wo"], sum(np.asarray(_xtx(a), np.float64) for a in attn))
         post = [_post_attn(x, a, w["wo"], mlp_norm, config=config) for x, a in zip(xs, attn)]
         del attn
-        if names & {"w_gate", "w_up"}:
-            hess = sum(np.asarray(_xtx(hm), np.float64) for _, hm in post)
-            for f in ("w_gate", "w_up"):
-                if f in names:
-                    w[f] = quant(f, i, w[f], hess)
-        acts = [_act(hm, w["w_gate"], w["w_up"]) for _, hm in post]
+        if "w_gate_up" in names:
+            w["w_gate_up"] = quant("w_gate_up", i, w["w_gate_up"],
+                                   sum(np.asarray(_xtx(hm), np.float64) for _, hm in post))
+        acts = [_act(hm, w["w_gate_up"]) for _, hm in post]
         if "w_down" in names:
             w["w_down"] = quant("w_down", i, w["w_down"], sum(np.asarray(_xtx(a), np.float64) for a in acts))
         xs = [_post_mlp(x2, a, w["w_down"]) for (x2, _), a in zip(post, acts)]
@@ -282,20 +276,17 @@ def collect_hessians_dense(params: Params, config: LlamaConfig, calib_tokens, *,
     out = {}
     xs = [jnp.asarray(params.embed, jnp.float32)[jnp.asarray(c, jnp.int32)]
           for c in _split(np.asarray(calib_tokens), batch)]
-    zq = jnp.zeros((config.num_heads * config.head_dim,), jnp.float32)
-    zk = jnp.zeros((config.num_kv_heads * config.head_dim,), jnp.float32)
+    zqkv = jnp.zeros((sum(qkv_sizes(config)),), jnp.float32)
     for i, layer in enumerate(params.layers):
         w = {f: _dense(getattr(layer, f)) for f in ATTN_WEIGHTS + MLP_WEIGHTS}
-        bq = zq if layer.bq is None else layer.bq
-        bk = zk if layer.bk is None else layer.bk
-        bv = zk if layer.bv is None else layer.bv
+        bqkv = zqkv if layer.bqkv is None else layer.bqkv
         hs = [_attn_input(x, layer.attn_norm, config=config) for x in xs]
         out[("qkv", i)] = sum(np.asarray(_xtx(h), np.float64) for h in hs)
-        attn = [_attention(h, w["wq"], w["wk"], w["wv"], bq, bk, bv, config=config) for h in hs]
+        attn = [_attention(h, w["wqkv"], bqkv, config=config) for h in hs]
         out[("wo", i)] = sum(np.asarray(_xtx(a), np.float64) for a in attn)
         post = [_post_attn(x, a, w["wo"], layer.mlp_norm, config=config) for x, a in zip(xs, attn)]
         out[("mlp_in", i)] = sum(np.asarray(_xtx(hm), np.float64) for _, hm in post)
-        acts = [_act(hm, w["w_gate"], w["w_up"]) for _, hm in post]
+        acts = [_act(hm, w["w_gate_up"]) for _, hm in post]
         out[("w_down", i)] = sum(np.asarray(_xtx(a), np.float64) for a in acts)
         xs = [_post_mlp(x2, a, w["w_down"]) for (x2, _), a in zip(post, acts)]
     out[("lm_head", -1)] = sum(np.asarray(_xtx(_attn_input(x, params.final_norm, config=config)), np.float64)

@@ -359,7 +359,7 @@ def _check_draft_matches(target: Params, draft: Params, config: LlamaConfig) -> 
         raise DraftMismatchError(f"draft embedding {draft.embed.shape} != target {target.embed.shape}: "
                                  f"the draft must be made from this target; {_REBUILD}")
     tl, dl = target.layers[0], draft.layers[0]
-    for f in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+    for f in ("wqkv", "wo", "w_gate_up", "w_down"):
         if tuple(getattr(dl, f).shape) != tuple(getattr(tl, f).shape):
             raise DraftMismatchError(f"draft layer weight {f} has shape {tuple(getattr(dl, f).shape)}, target "
                                      f"{tuple(getattr(tl, f).shape)}: the draft must be made from this target; "

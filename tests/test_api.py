@@ -191,7 +191,7 @@ def test_draft_of_other_shapes_says_to_rebuild_it():
     with pytest.raises(DraftMismatchError, match=r"draft has 3 layers, target 2.*make_draft\(target_params"):
         speculative_generate(TARGET, other, CFG, TOKS, LENS, gamma=2, max_new_tokens=4, cache_spec=INT8)
     wide = tiny_params(tiny_config(vocab_size=128, intermediate_size=64))
-    with pytest.raises(DraftMismatchError, match=r"w_gate has shape \(64, 64\), target \(64, 96\).*rebuild"):
+    with pytest.raises(DraftMismatchError, match=r"w_gate_up has shape \(64, 128\), target \(64, 192\).*rebuild"):
         speculative_generate(TARGET, wide, CFG, TOKS, LENS, gamma=2, max_new_tokens=4, cache_spec=INT8)
 
 

@@ -107,8 +107,8 @@ def test_gptq_draft_is_recalibrated_on_other_tokens(tmp_path):
     assert load_draft(tmp_path, TARGET, CFG, recipe) is not None
     assert load_draft(tmp_path, TARGET, CFG, recipe, calibration={"tokens": "x", "shape": [2, 16]}) is None
     d2 = get_or_make_draft(tmp_path, TARGET, CFG, recipe, c2)
-    assert not np.array_equal(np.asarray(d1.layers[0].w_up.packed), np.asarray(d2.layers[0].w_up.packed))
-    assert not isinstance(d2.lm_head, QuantizedWeight) and not isinstance(d2.layers[0].wq, QuantizedWeight)
+    assert not np.array_equal(np.asarray(d1.layers[0].w_gate_up.packed), np.asarray(d2.layers[0].w_gate_up.packed))
+    assert not isinstance(d2.lm_head, QuantizedWeight) and not isinstance(d2.layers[0].wqkv, QuantizedWeight)
 
 
 def test_weight_bytes_report():

@@ -89,7 +89,7 @@ def test_gptq_draft_is_closer_to_the_target_than_rtn(scope):
         rtn = make_draft(target, DraftRecipe(group_size=g, scope=scope))
         assert isinstance(gptq.layers[0].w_down, QuantizedWeight)
         assert isinstance(gptq.lm_head, QuantizedWeight)
-        assert isinstance(gptq.layers[1].wq, QuantizedWeight) == (scope == "all")
+        assert isinstance(gptq.layers[1].wqkv, QuantizedWeight) == (scope == "all")
         ref = teacher_forced_logits(target, held)
         e_gptq = float(jnp.mean((teacher_forced_logits(gptq, held) - ref) ** 2))
         e_rtn = float(jnp.mean((teacher_forced_logits(rtn, held) - ref) ** 2))

@@ -11,7 +11,7 @@ from qspec_jax.cache_spec import CacheSpec
 from qspec_jax.config import ConfigError, LlamaConfig
 from qspec_jax.generate import STOP_EOS, STOP_LENGTH, generate
 from qspec_jax.kv_cache import init_cache
-from qspec_jax.model import forward, lm_logits, params_from_flat, params_to_flat, DEFAULT_OPTIONS
+from qspec_jax.model import forward, lm_logits, params_from_flat, params_to_flat, DEFAULT_OPTIONS, expected_shapes
 
 CONFIGS = {
     "gqa": tiny_config(),
@@ -160,9 +160,17 @@ def test_config_errors_name_the_problem():
 def test_params_flat_round_trip_and_shape_errors():
     cfg = CONFIGS["mha_bias"]
     params = tiny_params(cfg)
-    flat = params_to_flat(params)
+    flat = params_to_flat(params, cfg)
+    assert set(flat) == set(expected_shapes(cfg))  # checkpoint names: q/k/v and gate/up separate
     again = params_from_flat(flat, cfg, jnp.float32)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), params, again))
+    # the fused columns are q | k | v and gate | up, in that order
+    qd = cfg.num_heads * cfg.head_dim
+    np.testing.assert_array_equal(np.asarray(params.layers[1].wqkv[:, :qd]), np.asarray(flat["layers.1.wq"]))
+    np.testing.assert_array_equal(np.asarray(params.layers[1].bqkv[-cfg.num_kv_heads * cfg.head_dim:]),
+                                  np.asarray(flat["layers.1.bv"]))
+    np.testing.assert_array_equal(np.asarray(params.layers[0].w_gate_up[:, cfg.intermediate_size:]),
+                                  np.asarray(flat["layers.0.w_up"]))
     bad = dict(flat)
     bad["layers.1.wq"] = bad["layers.1.wq"][:, :-1]
     with pytest.raises(ValueError, match="layers.1.wq"):
