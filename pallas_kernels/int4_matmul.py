@@ -1,27 +1,44 @@
 """INT4 group-wise weight matmul: y[M, N] = x[M, K] @ W, W in the QuantizedWeight layout.
 
-See `qspec_jax.quant_weights` for the layout. `int4_matmul_reference` is plain `jnp` and
-runs anywhere; it is what the kernel is tested against.
+Layout (`qspec_jax.quant_weights`), K-major: packed uint8 [N, n_groups, G/2] (byte j of
+group g of column n: row g*G + j in the low nibble, row g*G + G/2 + j in the high one),
+scale / minimum float16 [N, n_groups]. `int4_matmul_reference` is plain `jnp` and runs
+anywhere; it is what the kernel is tested against.
 
-`int4_matmul` is a Pallas GPU kernel (Pallas-Triton lowering) for small M (decode):
-each program owns `block_n` output columns and a range of K groups (split-K), and
-streams the packed bytes one group tile `[G/2, block_n]` at a time:
-  lo = byte & 0xF (rows g*G + j), hi = byte >> 4 (rows g*G + G/2 + j)
-  d  = x_lo_g . lo + x_hi_g . hi                     (two tensor-core dots, f32 acc)
-  y += d * scale_g + (sum x_g) * min_g
-The codes never reach memory as floats. With 16-bit activations the nibbles become
-floats by bit tricks, not conversions ("magic": bf16 bits 0x4300|c == 128 + c, f16
-bits 0x6400|c == 1024 + c); the offset is removed exactly through the group's x-sum.
-Split-K partials `[splits, M, N]` (f32) are summed by XLA. `prefetch` (default) loads
-step i+1 (tile, stats, x) before computing step i: Triton's pipeliner does not take
-loads that reach the dot through bit operations, and without it each program waits a
-full memory latency per group.
+`int4_matmul` is a Pallas GPU kernel (Pallas-Triton lowering) for decode GEMVs, M = 1..8
+rows (more rows are prefill: `int4_linear` dequantizes and lets XLA do the matmul).
+Program (j, s) owns `block_n` output columns and a range of K groups (split-K); it loops
+over steps of S = `groups_per_step` groups, loading per step a tile uint8 [block_n, S, G/2]
+(each column's bytes contiguous), the stats [block_n, S] and x [S, G/2] twice per row
+(low and high halves of each group). Per row r, all in f32:
+  lo = byte & 0xF, hi = byte >> 4        (nibble -> f32 by the 2**23 bit trick: one OR and
+                                          one exact subtraction, no int->float conversion)
+  d  = sum_j lo * x_lo + hi * x_hi        [block_n, S]   (reduction along the contiguous axis)
+  acc_r += d * scale + (sum x_g) * min    [block_n, S]
+and y_r = sum(acc_r, axis=1) at the end. Split-K partials [splits, M, N] (f32) are summed
+by XLA.
 
-Status (H100 80GB HBM3, jax 0.11.2, 2026-11-25; scripts/bench_kernels.py): correct on
-the GPU (bf16/f16/f32, ragged K and N, G = 32..256, M = 1..8); speed measured only
-before `prefetch` existed: M=1, K=4096, N=14336: 35 us (0.88 TB/s of INT4 bytes) vs
-bf16 x @ W 55 us (1.56x); K=14336, N=4096: 37 us vs 48 us. The 2.2 TB/s goal is not
-reached; `scripts/bench_kernels.py --sweep` has the block-size sweep still to run.
+Why K-major: the previous layout ([n_groups*G/2, N], N contiguous) put the reduction axis
+across threads, so a GEMV either went through tensor-core dots (the unpacked tile
+converted to the MMA layout through shared memory) or kept a [G/2, block_n] accumulator
+per row. With K contiguous the reduction over a group's bytes stays inside a thread and
+a warp's shuffles, the loads are wide and coalesced along K, and the accumulator is just
+[block_n, groups_per_step] per row. No dot, so bf16/f16/f32 activations take one code
+path (f32 arithmetic inside, output in x.dtype).
+
+`prefetch=True` pipelines by hand: step i+1's tile, stats and x are loaded before step i
+is computed (the last step re-loads itself, unused, so no load is out of range); off by
+default until a GPU sweep says otherwise (`scripts/bench_kernels.py --sweep`).
+
+Status (prototype numbers, NVIDIA H200, 2026-11-26, `PYTHONPATH=.:scripts python3
+exp/int4_kmajor.py`, the prototype since folded into this module and bench_kernels.py;
+M=1 bf16, G=128, profiled device time per call): the N-major kernel this replaces
+reached 1.14-1.31 TB/s of INT4 bytes, the K-major prototype 1.44-1.95 TB/s: 4096x14336
+27.3 -> 20.3 us; 14336x4096 25.2 -> 21.6; 4096x6144 15.5 -> 10.1; 4096x28672 52.0 ->
+36.1; 4096x128256 213 -> 143. Defaults are the sweep's robust choice: block_n 16,
+groups_per_step 8, num_warps 4 (num_stages made no difference), split_k auto =
+max(1, min(n_groups // groups_per_step, ceil(264 / n_blocks))). This module's cleaned-up
+kernel is the prototype's; re-measure with `scripts/bench_kernels.py`.
 
 `int4_linear` is the dispatcher a model calls with a `QuantizedWeight`.
 """
@@ -44,20 +61,18 @@ except Exception:  # pragma: no cover
 
 
 def int4_matmul_reference(x, packed, scale, minimum, *, group_size: int):
-    """x [M, K] (K <= n_groups*G), packed uint8 [n_groups*G/2, N], scale/min f16 [n_groups, N].
+    """x [M, K] (K <= n_groups*G), packed uint8 [N, n_groups, G/2], scale/min f16 [N, n_groups].
 
     Per-group dots, then scale: y = sum_g (x_g . c_g) * s_g + (sum x_g) * mn_g.
     Accumulates in float32, returns x.dtype.
     """
     m, k = x.shape
-    half = group_size // 2
-    ng, n = scale.shape
-    p = packed.reshape(ng, half, n)
-    codes = jnp.concatenate([p & 0xF, p >> 4], axis=1).astype(jnp.float32)  # [ng, G, N]
+    n, ng = scale.shape
+    codes = jnp.concatenate([packed & 0xF, packed >> 4], axis=-1).astype(jnp.float32)  # [N, ng, G]
     xg = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, ng * group_size - k))).reshape(m, ng, group_size)
-    dots = jnp.einsum("mgk,gkn->mgn", xg, codes)
-    y = dots * scale.astype(jnp.float32) + jnp.sum(xg, axis=-1)[..., None] * minimum.astype(jnp.float32)
-    return jnp.sum(y, axis=1).astype(x.dtype)
+    dots = jnp.einsum("mgk,ngk->mng", xg, codes)
+    y = dots * scale.astype(jnp.float32) + jnp.sum(xg, axis=-1)[:, None, :] * minimum.astype(jnp.float32)
+    return jnp.sum(y, axis=-1).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -65,9 +80,13 @@ def int4_matmul_reference(x, packed, scale, minimum, *, group_size: int):
 # --------------------------------------------------------------------------------------
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
-MAX_M = 64  # rows the kernel takes (decode / verify); larger M is prefill, use XLA
-NUM_SMS_H100 = 132
-_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+MAX_M = 8  # rows the kernel takes (decode / verify, unrolled); more rows are prefill, use XLA
+TARGET_PROGRAMS = 264  # split-K aims at ~2 programs per SM (132 SMs on H100 / H200)
+MAX_TILE_BYTES = 1 << 16  # block_n * groups_per_step * G/2: bigger tiles only spill registers
+DEFAULT_BLOCK_N = 16
+DEFAULT_GROUPS_PER_STEP = 8
+_F32_MAGIC = (0x4B000000, 8388608.0)  # f32 bits 0x4B000000 | c == 2**23 + c (c < 2**23)
 
 
 class Int4ShapeError(ValueError):
@@ -78,341 +97,180 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
+def _is_pow2(v) -> bool:
+    return isinstance(v, int) and v > 0 and (v & (v - 1)) == 0
 
 
-def compute_dtype(dtype):
-    dtype = jnp.dtype(dtype)
-    if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return dtype
-    return jnp.dtype(jnp.float32)
-
-
-def auto_split_k(n_groups: int, n_blocks: int, gpi: int, target_programs: int = 2 * NUM_SMS_H100) -> int:
-    """Splits of the K groups so that n_blocks * splits reaches about target_programs."""
-    if n_blocks >= target_programs:
-        return 1
-    want = -(-target_programs // n_blocks)
-    max_splits = max(1, n_groups // gpi)
-    splits = max(1, min(want, max_splits))
-    gps = -(-(-(-n_groups // splits)) // gpi) * gpi  # groups per split, multiple of gpi
-    return -(-n_groups // gps)
-
-
-def check_int4_matmul_args(x_shape, packed_shape, scale_shape, min_shape, group_size, block_n, block_k,
-                           split_k=None):
-    """Raise Int4ShapeError if the kernel cannot take these shapes / block sizes."""
+def check_int4_matmul_args(x_shape, packed_shape, scale_shape, min_shape, group_size, block_n=DEFAULT_BLOCK_N,
+                           groups_per_step=DEFAULT_GROUPS_PER_STEP, split_k=None, num_warps=4, *, x_dtype=None,
+                           packed_dtype=None):
+    """Raise Int4ShapeError if the kernel cannot take these shapes / dtypes / block sizes."""
     if len(x_shape) != 2:
         raise Int4ShapeError(f"x must be [M, K], got shape {tuple(x_shape)}")
     m, k = x_shape
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise Int4ShapeError(f"group_size {group_size} not supported by the Pallas kernel "
                              f"(supported: {SUPPORTED_GROUP_SIZES})")
-    if len(scale_shape) != 2 or tuple(min_shape) != tuple(scale_shape):
-        raise Int4ShapeError(f"scale/minimum must both be [n_groups, N], got {scale_shape}, {min_shape}")
-    ng, n = scale_shape
-    if tuple(packed_shape) != (ng * group_size // 2, n):
-        raise Int4ShapeError(f"packed must be [n_groups*G/2, N] = {(ng * group_size // 2, n)}, "
-                             f"got {tuple(packed_shape)}")
+    half = group_size // 2
+    if len(packed_shape) != 3 or packed_shape[2] != half:
+        raise Int4ShapeError(f"packed must be uint8 [N, n_groups, G/2] = [N, n_groups, {half}] (the K-major "
+                             f"layout), got shape {tuple(packed_shape)}")
+    n, ng = packed_shape[:2]
+    if tuple(scale_shape) != (n, ng) or tuple(min_shape) != (n, ng):
+        raise Int4ShapeError(f"scale/minimum must both be [N, n_groups] = {(n, ng)} (from packed "
+                             f"{tuple(packed_shape)}), got {tuple(scale_shape)}, {tuple(min_shape)}")
+    if packed_dtype is not None and jnp.dtype(packed_dtype) != jnp.dtype(jnp.uint8):
+        raise Int4ShapeError(f"packed must be uint8, got {jnp.dtype(packed_dtype)}")
+    if x_dtype is not None and jnp.dtype(x_dtype) not in SUPPORTED_DTYPES:
+        raise Int4ShapeError(f"x dtype {jnp.dtype(x_dtype)} not supported (bfloat16, float16, float32)")
     if not 1 <= m <= MAX_M:
-        raise Int4ShapeError(f"M={m} rows not supported by the Pallas kernel (1..{MAX_M})")
+        raise Int4ShapeError(f"M={m} rows not supported by the Pallas kernel (1..{MAX_M}; more rows: "
+                             f"int4_linear's 'dequant' backend)")
     if not (ng - 1) * group_size < k <= ng * group_size:
-        raise Int4ShapeError(f"K={k} does not match n_groups={ng} x group_size={group_size}")
-    if not (_is_pow2(block_n) and 16 <= block_n <= 1024):
-        raise Int4ShapeError(f"block_n must be a power of 2 in [16, 1024], got {block_n}")
-    if block_k % group_size or block_k <= 0:
-        raise Int4ShapeError(f"block_k ({block_k}) must be a positive multiple of group_size ({group_size})")
-    if split_k is not None and split_k < 1:
-        raise Int4ShapeError(f"split_k must be >= 1, got {split_k}")
+        raise Int4ShapeError(f"K={k} does not match n_groups={ng} x group_size={group_size} "
+                             f"(need {(ng - 1) * group_size} < K <= {ng * group_size})")
+    if not (_is_pow2(block_n) and 4 <= block_n <= 256):
+        raise Int4ShapeError(f"block_n must be a power of 2 in [4, 256], got {block_n}")
+    if not (_is_pow2(groups_per_step) and groups_per_step <= 64):
+        raise Int4ShapeError(f"groups_per_step must be a power of 2 in [1, 64], got {groups_per_step}")
+    if block_n * groups_per_step * half > MAX_TILE_BYTES:
+        raise Int4ShapeError(f"tile block_n * groups_per_step * G/2 = {block_n}*{groups_per_step}*{half} bytes "
+                             f"exceeds {MAX_TILE_BYTES}: lower block_n or groups_per_step")
+    if split_k is not None and not (isinstance(split_k, int) and split_k >= 1):
+        raise Int4ShapeError(f"split_k must be an integer >= 1 (or None: auto), got {split_k!r}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise Int4ShapeError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False, precision=None):
-    """f32-accumulating 2-D dot (what `pl.dot` did before its removal)."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+def split_plan(n_groups: int, n_blocks: int, groups_per_step: int, split_k: int | None = None):
+    """(splits, groups per split). split_k None: max(1, min(n_groups // groups_per_step,
+    ceil(TARGET_PROGRAMS / n_blocks))); an explicit split_k is capped at n_groups. With
+    more than one split, the groups per split are rounded up to a multiple of
+    groups_per_step (only the last split is ragged), and the number of splits follows from
+    that (every split has at least one group)."""
+    gpb = groups_per_step
+    if split_k is None:
+        split_k = max(1, min(n_groups // gpb, -(-TARGET_PROGRAMS // n_blocks)))
+    split_k = max(1, min(split_k, n_groups))
+    gps = -(-n_groups // split_k)
+    if split_k > 1:
+        gps = -(-gps // gpb) * gpb
+    splits = -(-n_groups // gps)
+    return splits, (gps if splits > 1 else n_groups)
 
 
-def _column_block(p_ref, *, n, ng, g, block_n, gps, n_ragged):
-    """What both kernels' programs share: program (j, sk) owns output columns
-    [j*block_n, +block_n) (masked past N when ragged) and K groups [sk*gps, g_end).
-
-    Returns (col0, cmask, g_begin, g_end, load_cols, load_tile): load_cols(ref, row) reads
-    row `row` of a [n_groups, N] stats array as f32 [block_n]; load_tile(gi) reads group gi's
-    packed tile, uint8 [G/2, block_n] (zeros past N)."""
-    half = g // 2
-    col0 = pl.multiple_of(pl.program_id(0) * block_n, block_n)
-    cmask = (col0 + jnp.arange(block_n, dtype=jnp.int32)) < n if n_ragged else None
-    g_begin = pl.program_id(1) * gps
+def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n, gpb, gps, steps, n_ragged,
+                 g_ragged, split_out, prefetch):
+    """One program: columns [j*block_n, +block_n) (masked past N), groups [s*gps, g_end)."""
+    f32 = jnp.float32
+    n0 = pl.multiple_of(pl.program_id(0) * block_n, block_n)
+    sk = pl.program_id(1)
+    g_begin = sk * gps
     g_end = jnp.minimum(g_begin + gps, ng)
+    cmask = (n0 + jnp.arange(block_n, dtype=jnp.int32)) < n if n_ragged else None
+    cols = pl.ds(n0, block_n)
 
-    def load_cols(ref, row):
-        if n_ragged:
-            return plgpu.load(ref.at[row, pl.ds(col0, block_n)], mask=cmask, other=0.0).astype(jnp.float32)
-        return ref[row, pl.ds(col0, block_n)].astype(jnp.float32)
-
-    def load_tile(gi):
-        rows = pl.ds(pl.multiple_of(gi * half, half), half)
-        if n_ragged:
-            return plgpu.load(p_ref.at[rows, pl.ds(col0, block_n)], mask=cmask[None, :], other=0)
-        return p_ref[rows, pl.ds(col0, block_n)]
-
-    return col0, cmask, g_begin, g_end, load_cols, load_tile
-
-
-def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, k, n, ng, g, block_n, gpi, gps, cdt, magic,
-                 orient, n_ragged, split_out, prefetch):
-    half = g // 2
-    sk = pl.program_id(1)
-    col0, cmask, g_begin, g_end, load_cols, load_tile = _column_block(
-        p_ref, n=n, ng=ng, g=g, block_n=block_n, gps=gps, n_ragged=n_ragged)
-    f32 = jnp.float32
-    xrow_mask = (jnp.arange(mp, dtype=jnp.int32) < m)[:, None]
-    k_ragged = k != ng * g
-    prec = lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
-
-    def load_x(c0):  # x[:, c0:c0+half] as [mp, half] in cdt, zero outside [m, k]
-        mask = xrow_mask
-        if k_ragged:
-            mask = mask & ((c0 + jnp.arange(half, dtype=jnp.int32)) < k)[None, :]
-        return plgpu.load(x_ref.at[pl.ds(0, mp), pl.ds(c0, half)], mask=mask, other=0).astype(cdt)
-
-    def unpack(p):
-        if magic is not None:
-            p16 = p.astype(jnp.uint16)
-            lo = lax.bitcast_convert_type((p16 & 0xF) | magic[0], cdt)
-            hi = lax.bitcast_convert_type((p16 >> 4) | magic[0], cdt)
+    def load_step(i):
+        """Everything step i reads: tile uint8 [bn, gpb, G/2], scale / min f32 [bn, gpb], and
+        per row x_lo, x_hi f32 [gpb, G/2]. Groups past g_end (ragged) and columns past N
+        read as zeros."""
+        g0 = g_begin + i * gpb
+        grp = pl.ds(g0, gpb)
+        if g_ragged or n_ragged:
+            gmask = (g0 + jnp.arange(gpb, dtype=jnp.int32)) < g_end
+            m2 = gmask[None, :] if cmask is None else (gmask[None, :] & cmask[:, None])
+            tile = plgpu.load(p_ref.at[cols, grp, :], mask=m2[:, :, None], other=0)
+            s = plgpu.load(s_ref.at[cols, grp], mask=m2, other=0)
+            mn = plgpu.load(mn_ref.at[cols, grp], mask=m2, other=0)
         else:
-            lo = (p & 0xF).astype(cdt)
-            hi = (p >> 4).astype(cdt)
-        return lo, hi
+            tile, s, mn = p_ref[cols, grp, :], s_ref[cols, grp], mn_ref[cols, grp]
+        xs = []
+        for r in range(m):
+            for c0 in (0, half):
+                idx = (pl.ds(r, 1), grp, pl.ds(c0, half))
+                if g_ragged:
+                    v = plgpu.load(x_ref.at[idx], mask=gmask[None, :, None], other=0)
+                else:
+                    v = x_ref[idx]
+                xs.append(v[0].astype(f32))
+        return tile, s.astype(f32), mn.astype(f32), tuple(xs)
 
-    def load_group(gi):  # everything one group needs from memory
-        c0 = gi * g
-        return (load_tile(gi), load_cols(s_ref, gi), load_cols(mn_ref, gi), load_x(c0), load_x(c0 + half))
-
-    def one_group(data, acc, valid=None):
-        tile, s, mn, xl, xh = data
-        lo, hi = unpack(tile)
-        if valid is not None:  # a prefetched group past the program's range contributes 0
-            s = jnp.where(valid, s, 0.0)
-            mn = jnp.where(valid, mn, 0.0)
-        if magic is not None:
-            mn = mn - magic[1] * s
-        xs = jnp.sum(xl.astype(f32), axis=1) + jnp.sum(xh.astype(f32), axis=1)  # [mp]
-        if orient == "xw":
-            d = _dot(xl, lo, precision=prec) + _dot(xh, hi, precision=prec)  # [mp, bn]
-            return acc + d * s[None, :] + xs[:, None] * mn[None, :]
-        # "wx": acc^T [bn, mp] = lo^T . xl^T (the weight tile is the M side of the dot)
-        d = (_dot(lo, xl, trans_a=True, trans_b=True, precision=prec)
-             + _dot(hi, xh, trans_a=True, trans_b=True, precision=prec))
-        return acc + d * s[:, None] + mn[:, None] * xs[None, :]
-
-    acc_shape = (mp, block_n) if orient == "xw" else (block_n, mp)
-    acc = jnp.zeros(acc_shape, f32)
-    count = jnp.maximum(g_end - g_begin, 0)
-    last = jnp.maximum(g_end - 1, 0)
-    if prefetch:
-        # Software pipelining by hand: step i computes groups loaded during step i-1.
-        n_steps = -(-count // gpi) if gpi > 1 else count
-
-        def load_step(g0):
-            return [load_group(jnp.minimum(g0 + u, last)) for u in range(gpi)]
-
-        def body_pf(i, carry):
-            acc, cur = carry
-            g0 = g_begin + i * gpi
-            nxt = load_step(g0 + gpi)
-            for u in range(gpi):
-                acc = one_group(cur[u], acc, valid=(g0 + u < g_end) if gpi > 1 else None)
-            return acc, nxt
-
-        acc, _ = lax.fori_loop(0, n_steps, body_pf, (acc, load_step(g_begin)))
-    else:
-        def body_multi(i, acc):
-            g0 = g_begin + i * gpi
-            data = [load_group(g0 + u) for u in range(gpi)]  # issue all loads first
-            for u in range(gpi):
-                acc = one_group(data[u], acc)
-            return acc
-
-        def body_one(gi, acc):
-            return one_group(load_group(gi), acc)
-
-        if gpi > 1:
-            n_multi = count // gpi
-            acc = lax.fori_loop(0, n_multi, body_multi, acc)
-            acc = lax.fori_loop(g_begin + n_multi * gpi, g_end, body_one, acc)
-        else:
-            acc = lax.fori_loop(g_begin, g_end, body_one, acc)
-    if orient != "xw":
-        acc = acc.T
-    mask = xrow_mask if cmask is None else xrow_mask & cmask[None, :]
-    if split_out:
-        plgpu.store(o_ref.at[sk, pl.ds(0, mp), pl.ds(col0, block_n)], acc.astype(o_ref.dtype), mask=mask)
-    else:
-        plgpu.store(o_ref.at[pl.ds(0, mp), pl.ds(col0, block_n)], acc.astype(o_ref.dtype), mask=mask)
-
-
-_F32_MAGIC = (0x4B000000, 8388608.0)  # f32 bits 0x4B000000|c == 2**23 + c
-MAX_SIMT_M = 8
-
-
-def _int4_simt_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, k, n, ng, g, block_n, gpi, gps, magic,
-                      n_ragged, split_out, acc2d):
-    """CUDA-core GEMV: no tensor-core dot, so the unpacked tile never changes layout.
-
-    A tensor-core dot needs its operands in the MMA register layout; Triton moves the
-    unpacked 16-bit tile there through shared memory, 4 bytes of traffic per packed byte,
-    which caps the dot version near 1 TB/s. Here every thread multiplies the bytes it
-    loaded by the x values of their rows and keeps partial sums in place:
-      acc2d=True   acc[half, bn] += (lo * x_lo + hi * x_hi) * s_g   (one reduction at the end)
-      acc2d=False  y[bn] += sum_rows(lo * x_lo + hi * x_hi) * s_g   (a reduction per group)
-    and y += (sum x_g) * mn_g. f32 arithmetic; nibbles become f32 by the 2**23 bit trick
-    (one OR and one exact subtraction instead of an int->float conversion) when magic.
-    """
-    half = g // 2
-    sk = pl.program_id(1)
-    col0, cmask, g_begin, g_end, load_cols, load_tile = _column_block(
-        p_ref, n=n, ng=ng, g=g, block_n=block_n, gps=gps, n_ragged=n_ragged)
-    f32 = jnp.float32
-    k_ragged = k != ng * g
-
-    def load_x(r, c0):  # [half] f32, zero past K
-        if k_ragged:
-            mask = (c0 + jnp.arange(half, dtype=jnp.int32)) < k
-            return plgpu.load(x_ref.at[pl.ds(r, 1), pl.ds(c0, half)], mask=mask[None, :], other=0)[0].astype(f32)
-        return x_ref[pl.ds(r, 1), pl.ds(c0, half)][0].astype(f32)
-
-    def unpack(t):
-        if magic:
-            t32 = t.astype(jnp.uint32)
-            lo = lax.bitcast_convert_type((t32 & 0xF) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
-            hi = lax.bitcast_convert_type((t32 >> 4) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
-            return lo, hi
-        return (t & 0xF).astype(f32), (t >> 4).astype(f32)
-
-    def step(gi, carry):
-        lo, hi = unpack(load_tile(gi))
-        s = load_cols(s_ref, gi)
-        mn = load_cols(mn_ref, gi)
-        c0 = gi * g
+    def compute(data, accs):
+        tile, s, mn, xs = data
+        t32 = tile.astype(jnp.uint32)
+        lo = lax.bitcast_convert_type((t32 & 0xF) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
+        hi = lax.bitcast_convert_type((t32 >> 4) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
         out = []
         for r in range(m):
-            acc_r, y_r = carry[r]
-            xl, xh = load_x(r, c0), load_x(r, c0 + half)
-            t = lo * xl[:, None] + hi * xh[:, None]
-            y_r = y_r + (jnp.sum(xl) + jnp.sum(xh)) * mn
-            if acc2d:
-                acc_r = acc_r + t * s[None, :]
-            else:
-                y_r = y_r + jnp.sum(t, axis=0) * s
-            out.append((acc_r, y_r))
+            xl, xh = xs[2 * r], xs[2 * r + 1]
+            d = jnp.sum(lo * xl[None] + hi * xh[None], axis=2)  # [bn, gpb]
+            xsum = jnp.sum(xl, axis=1) + jnp.sum(xh, axis=1)  # [gpb]
+            out.append(accs[r] + d * s + xsum[None, :] * mn)
         return tuple(out)
 
-    acc0 = jnp.zeros((half, block_n) if acc2d else (1, block_n), f32)
-    init = tuple((acc0, jnp.zeros((block_n,), f32)) for _ in range(m))
-    res = lax.fori_loop(g_begin, g_end, step, init)
+    accs = tuple(jnp.zeros((block_n, gpb), f32) for _ in range(m))
+    if prefetch:
+        def body(i, carry):
+            accs, cur = carry
+            nxt = load_step(jnp.minimum(i + 1, steps - 1))  # the last step re-loads itself (unused)
+            return compute(cur, accs), nxt
+
+        accs, _ = lax.fori_loop(0, steps, body, (accs, load_step(0)))
+    else:
+        accs = lax.fori_loop(0, steps, lambda i, a: compute(load_step(i), a), accs)
+
     for r in range(m):
-        acc_r, y_r = res[r]
-        if acc2d:
-            y_r = y_r + jnp.sum(acc_r, axis=0)
-        idx = (pl.ds(r, 1), pl.ds(col0, block_n))
-        lead = (1, 1)
+        y = jnp.sum(accs[r], axis=1).reshape(1, block_n)
         if split_out:
-            idx, lead = (pl.ds(sk, 1),) + idx, (1, 1, 1)
-        y_r = y_r.astype(o_ref.dtype).reshape(lead[:-1] + (block_n,))
-        if n_ragged:
-            plgpu.store(o_ref.at[idx], y_r, mask=cmask.reshape(lead[:-1] + (block_n,)))
+            idx, y = (pl.ds(sk, 1), pl.ds(r, 1), cols), y.reshape(1, 1, block_n)
         else:
-            o_ref[idx] = y_r
+            idx, y = (pl.ds(r, 1), cols), y.astype(o_ref.dtype)
+        if n_ragged:
+            plgpu.store(o_ref.at[idx], y, mask=cmask.reshape(y.shape))
+        else:
+            o_ref[idx] = y
 
 
-def resolve_defaults(m: int, n: int, orient: str, block_n, split_k):
-    """orient / block_n / split_k where the caller left them "auto" / None (see int4_matmul)."""
-    if orient == "auto":
-        orient = "simt" if m == 1 else "xw"
-    if block_n is None:
-        block_n = 256 if (orient == "simt" and n >= 4096) else 128
-    if split_k is None and orient == "simt" and n >= 4096:
-        split_k = 16
-    return orient, block_n, split_k
-
-
-@functools.partial(jax.jit, static_argnames=("group_size", "block_n", "block_k", "num_warps", "num_stages",
-                                             "split_k", "unpack", "orient", "prefetch", "simt_acc",
-                                             "interpret"))
-def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
-                block_k: int | None = None, num_warps: int = 4, num_stages: int = 3, split_k: int | None = None,
-                unpack: str = "auto", orient: str = "auto", prefetch: bool = True, simt_acc: str = "auto",
-                interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("group_size", "block_n", "groups_per_step", "split_k", "num_warps",
+                                             "num_stages", "prefetch", "interpret"))
+def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = DEFAULT_BLOCK_N,
+                groups_per_step: int = DEFAULT_GROUPS_PER_STEP, split_k: int | None = None, num_warps: int = 4,
+                num_stages: int = 1, prefetch: bool = False, interpret: bool = False):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]).
 
-    x [M, K] (M <= 64, K <= n_groups*G), packed uint8 [n_groups*G/2, N], scale/min f16 [n_groups, N].
-    block_n: output columns per program (power of 2). block_k: K rows per loop step, a
-    multiple of G (several group tiles loaded before use). split_k: programs along K
-    (None: enough to fill ~2 programs per SM); partials are summed by XLA. unpack:
-    "magic" (bit trick, 16-bit x), "cvt" (integer->float conversion), "auto" (magic for
-    bf16/f16 x). orient: "xw" puts x on the M side of the dot, "wx" the weight tile.
-    prefetch: load step i+1 (tiles, stats, x) before computing step i (by hand, since
-    Triton's pipeliner does not take loads that reach the dot through bit operations).
-    f32 x is computed in f32 (exact dots); bf16/f16 x as is.
-    Defaults (None / "auto") are the H100 sweep's best (docs/benchmarks.md): M = 1 takes
-    "simt" with block_n 256 and split_k 16 where N >= 4096, block_n 128 below; M > 1 the
-    "xw" dot with block_n 128.
+    x [M, K] bf16/f16/f32 (M <= MAX_M = 8, K <= n_groups*G; a ragged last group is
+    zero-padded), packed uint8 [N, n_groups, G/2], scale/min f16 [N, n_groups].
+    block_n: output columns per program (power of 2, 4..256). groups_per_step: K groups
+    per loop step (power of 2; capped at the next power of 2 of n_groups). split_k:
+    programs along K (None: auto, see `split_plan`); partials are summed by XLA.
+    prefetch: load step i+1 before computing step i. num_warps / num_stages: Triton's.
+    interpret: Pallas interpret mode (any backend; for tests).
     """
-    orient, block_n, split_k = resolve_defaults(x.shape[0] if x.ndim == 2 else 1, scale.shape[-1], orient,
-                                                block_n, split_k)
-    block_k = group_size if block_k is None else block_k
-    check_int4_matmul_args(x.shape, packed.shape, scale.shape, minimum.shape, group_size, block_n, block_k,
-                           split_k)
-    if orient not in ("xw", "wx", "simt"):
-        raise Int4ShapeError(f"orient must be 'auto', 'xw', 'wx' or 'simt', got {orient!r}")
-    if orient == "simt" and x.shape[0] > MAX_SIMT_M:
-        raise Int4ShapeError(f"orient='simt' takes M <= {MAX_SIMT_M} rows, got {x.shape[0]}")
-    if simt_acc not in ("auto", "2d", "reduce"):
-        raise Int4ShapeError(f"simt_acc must be 'auto', '2d' or 'reduce', got {simt_acc!r}")
+    check_int4_matmul_args(x.shape, packed.shape, scale.shape, minimum.shape, group_size, block_n,
+                           groups_per_step, split_k, num_warps, x_dtype=x.dtype, packed_dtype=packed.dtype)
     m, k = x.shape
-    ng, n = scale.shape
-    cdt = compute_dtype(x.dtype)
-    if unpack == "auto":
-        unpack = "magic" if (cdt in _MAGIC or orient == "simt") else "cvt"
-    if unpack == "magic" and cdt not in _MAGIC and orient != "simt":
-        raise Int4ShapeError("unpack='magic' needs bf16/f16 activations")
-    if unpack not in ("magic", "cvt"):
-        raise Int4ShapeError(f"unpack must be 'auto', 'magic' or 'cvt', got {unpack!r}")
-    magic = _MAGIC[cdt] if (unpack == "magic" and orient != "simt") else None
-    mp = max(16, _next_pow2(m))
-    gpi = block_k // group_size
+    n, ng, half = packed.shape
+    gpb = min(groups_per_step, _next_pow2(ng))
     n_blocks = -(-n // block_n)
-    splits = auto_split_k(ng, n_blocks, gpi) if split_k is None else min(split_k, ng)
-    gps = -(-ng // splits)
-    splits = -(-ng // gps)
-
+    splits, gps = split_plan(ng, n_blocks, gpb, split_k)
+    steps = -(-gps // gpb)
+    g_ragged = gps % gpb != 0 or ng % gps != 0  # some step reads groups past its split's end
+    xp = x if k == ng * group_size else jnp.pad(x, ((0, 0), (0, ng * group_size - k)))
+    x3 = xp.reshape(m, ng, group_size)
     split_out = splits > 1
-    out_dtype = jnp.float32 if split_out else x.dtype
     out_shape = (splits, m, n) if split_out else (m, n)
-    if orient == "simt":
-        acc2d = (m == 1) if simt_acc == "auto" else simt_acc == "2d"
-        kernel = functools.partial(
-            _int4_simt_kernel, m=m, k=k, n=n, ng=ng, g=group_size, block_n=block_n, gpi=gpi, gps=gps,
-            magic=(unpack == "magic"), n_ragged=(n % block_n != 0), split_out=split_out, acc2d=acc2d)
-    else:
-        kernel = functools.partial(
-            _int4_kernel, m=m, mp=mp, k=k, n=n, ng=ng, g=group_size, block_n=block_n, gpi=gpi, gps=gps,
-            cdt=cdt, magic=magic, orient=orient, n_ragged=(n % block_n != 0), split_out=split_out,
-            prefetch=prefetch)
-    params = None
-    if not interpret:
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    kernel = functools.partial(_int4_kernel, m=m, n=n, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
+                               steps=steps, n_ragged=n % block_n != 0, g_ragged=g_ragged, split_out=split_out,
+                               prefetch=prefetch)
+    params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,
         grid=(n_blocks, splits),
-        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32 if split_out else x.dtype),
         compiler_params=params,
         interpret=interpret,
         name="int4_matmul",
-    )(x, packed, scale, minimum)
+    )(x3, packed, scale, minimum)
     if split_out:
         out = jnp.sum(out, axis=0).astype(x.dtype)
     return out
@@ -437,10 +295,11 @@ def pallas_unsupported_reason(m: int, qw, dtype=None) -> str | None:
     g = qw.group_size
     if g not in SUPPORTED_GROUP_SIZES:
         return f"group_size {g} not in {SUPPORTED_GROUP_SIZES}"
+    if qw.packed.ndim != 3:
+        return f"packed has shape {tuple(qw.packed.shape)}, not the K-major [N, n_groups, G/2] layout"
     if not 1 <= m <= MAX_M:
         return f"M={m} rows outside 1..{MAX_M}"
-    if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
-                                                       jnp.dtype(jnp.float32)):
+    if dtype is not None and jnp.dtype(dtype) not in SUPPORTED_DTYPES:
         return f"activation dtype {jnp.dtype(dtype)} not supported"
     return None
 
@@ -448,11 +307,12 @@ def pallas_unsupported_reason(m: int, qw, dtype=None) -> str | None:
 def int4_linear(x, qw, *, backend: str = "auto", interpret: bool = False, **kernel_kwargs):
     """y[..., N] = x[..., K] @ W for a `QuantizedWeight` qw.
 
-    backend: "pallas" (raise ValueError if the kernel cannot take the shapes),
-    "reference" (`int4_matmul_reference`), "dequant" (dequantize to x.dtype, then an XLA
-    dot: what prefill wants), "auto" (pallas on GPU when supported, else dequant for
-    more than MAX_M rows, else the reference; a fallback on GPU warns once with the
-    reason). interpret=True runs the Pallas kernel in interpret mode (any backend).
+    backend: "pallas" (raise Int4ShapeError, a ValueError, if the kernel cannot take the
+    shapes), "reference" (`int4_matmul_reference`), "dequant" (dequantize to x.dtype, then
+    an XLA dot: what prefill wants), "auto" (pallas on GPU when supported; else dequant for
+    more than MAX_M rows, silently: that is prefill; else the reference, and on GPU a
+    warning once per reason). interpret=True runs the Pallas kernel in interpret mode (any
+    backend). kernel_kwargs go to `int4_matmul` (block_n, groups_per_step, ...).
     """
     *lead, k = x.shape
     if k != qw.in_features:
@@ -463,11 +323,13 @@ def int4_linear(x, qw, *, backend: str = "auto", interpret: bool = False, **kern
         reason = pallas_unsupported_reason(m, qw, x.dtype)
         if reason is None and (_on_gpu() or interpret):
             backend = "pallas"
+        elif m > MAX_M:
+            backend = "dequant"
         else:
             if reason is not None and _on_gpu() and reason not in _WARNED:
                 _WARNED.add(reason)
                 warnings.warn(f"int4_linear: Pallas kernel not used ({reason}); falling back to XLA")
-            backend = "dequant" if m > MAX_M else "reference"
+            backend = "reference"
     if backend == "pallas":
         reason = pallas_unsupported_reason(m, qw, x.dtype)
         if reason is not None:
@@ -478,8 +340,8 @@ def int4_linear(x, qw, *, backend: str = "auto", interpret: bool = False, **kern
         y = int4_matmul_reference(x2, qw.packed, qw.scale, qw.minimum, group_size=qw.group_size)
     elif backend == "dequant":
         from qspec_jax.quant_weights import dequantize_weight
-        w = dequantize_weight(qw, x.dtype)
-        y = jnp.dot(x2, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        w = dequantize_weight(qw, x.dtype, out_major=True)  # [N, K]: the layout's orientation, no transpose
+        y = lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
     else:
         raise ValueError(f"unknown backend {backend!r} (auto, pallas, reference, dequant)")
     return y.reshape(*lead, y.shape[-1])

@@ -1,14 +1,18 @@
 """GPU check and benchmark of the Pallas kernels (INT4 matmul, hierarchical attention).
 
   PYTHONPATH=. python3 scripts/bench_kernels.py                 # check + time, defaults
-  PYTHONPATH=. python3 scripts/bench_kernels.py --sweep         # + small block-size sweep
+  PYTHONPATH=. python3 scripts/bench_kernels.py --sweep         # + block-size sweep (see --sweep-mm)
   PYTHONPATH=. python3 scripts/bench_kernels.py --smoke         # tiny, interpret mode (CPU)
 
 (a) each kernel against its reference on the device at a few sizes (awkward ones
 included): max and Frobenius relative error; (b) timings at the Llama-3.1-8B shape
 (32 query heads, 8 KV heads, head_dim 128, batch 1, G=128): draft attention (T=1,
 upper plane) and verify attention (T=8, both planes) vs XLA einsum-softmax-einsum over
-a dense bf16 cache of the same context; INT4 matmul at M=1,4,8 vs bf16 x @ W.
+a dense bf16 cache of the same context; INT4 matmul (K-major layout, `int4_matmul`) at
+M=1,4,8 vs bf16 x @ W, at the 8B model's shapes (fused q/k/v 4096x6144, o 4096x4096, fused
+gate/up 4096x28672, down 14336x4096, lm_head 4096x128256, and 4096x14336 / 4096x1024).
+--sweep times every INT4 config of block_n 8/16/32 x groups_per_step 8/16/32 x num_warps
+2/4/8 x prefetch off/on on the --sweep-mm shapes, then attention variants.
 
 Timing: n distinct copies of the op's inputs (n chosen so the copies exceed ~4x the 50 MB
 L2, so no call finds its data in L2); one executable calls the op on --calls-per-jit
@@ -45,10 +49,12 @@ from pallas_kernels.int4_matmul import int4_matmul, int4_matmul_reference  # noq
 from qspec_jax import kv_quant  # noqa: E402
 try:
     from qspec_jax.quant_weights import quantize_rtn  # noqa: E402
-except ImportError:  # no flax on the device: same RTN quantizer, returned as a namespace
+except ImportError:  # no flax on the device: same RTN quantizer and layout, returned as a namespace
     import types
 
     def quantize_rtn(w, group_size=128):
+        """qspec_jax.quant_weights.quantize_rtn without flax: packed uint8 [N, n_groups, G/2]
+        (K-major), scale / minimum f16 [N, n_groups]."""
         w = jnp.asarray(w, jnp.float32)
         k, n = w.shape
         ng = -(-k // group_size)
@@ -61,14 +67,15 @@ except ImportError:  # no flax on the device: same RTN quantizer, returned as a 
         codes = jnp.round(jnp.clip((wp - mn.astype(jnp.float32)[:, None, :]) / jnp.where(s32 > 0, s32, 1.0), 0, 15))
         codes = jnp.where(valid & (s32 > 0), codes, 0).astype(jnp.uint8)
         half = group_size // 2
-        packed = (codes[:, :half] | (codes[:, half:] << 4)).astype(jnp.uint8).reshape(ng * half, n)
-        return types.SimpleNamespace(packed=packed, scale=sc, minimum=mn, in_features=k, group_size=group_size)
+        packed = (codes[:, :half] | (codes[:, half:] << 4)).astype(jnp.uint8)  # [ng, G/2, N]
+        return types.SimpleNamespace(packed=jnp.transpose(packed, (2, 0, 1)), scale=sc.T, minimum=mn.T,
+                                     in_features=k, group_size=group_size)
 
 L2_BYTES = 50 * 2**20
 MIN_CALLS = 100
 PROFILE = False
 CALLS_PER_JIT = 4
-MM_SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (4096, 1024), (4096, 6144)]
+MM_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256), (4096, 14336), (4096, 1024)]
 RESULTS: dict = {"meta": {}, "copy": {}, "check": [], "matmul": [], "attention": [], "sweep": [], "errors": []}
 T_START = time.time()
 
@@ -211,8 +218,8 @@ def measure_copy(args):
 # ---------------------------------------------------------------------------------------
 
 def mm_kwargs(args, over=None):
-    kw = dict(block_n=args.mm_block_n, block_k=args.mm_block_k, num_warps=args.mm_warps,
-              num_stages=args.mm_stages, split_k=args.mm_split_k, unpack=args.mm_unpack, orient=args.mm_orient)
+    kw = dict(block_n=args.mm_block_n, groups_per_step=args.mm_groups_per_step, num_warps=args.mm_warps,
+              num_stages=args.mm_stages, split_k=args.mm_split_k, prefetch=args.mm_prefetch)
     if args.interpret:
         kw["interpret"] = True
     kw.update(over or {})
@@ -220,12 +227,13 @@ def mm_kwargs(args, over=None):
 
 
 def random_int4(key, k, n, g):
-    """Random packed weights (timing only): uint8 codes, f16 stats."""
+    """Random packed weights in the K-major layout (timing only): uint8 [N, n_groups, G/2],
+    f16 stats [N, n_groups]."""
     ng = -(-k // g)
     k1, k2, k3 = jax.random.split(key, 3)
-    packed = jax.random.bits(k1, (ng * g // 2, n), jnp.uint8)
-    scale = (jax.random.uniform(k2, (ng, n), jnp.float32, 0.001, 0.01)).astype(jnp.float16)
-    mn = (-8 * scale.astype(jnp.float32) + 0.001 * jax.random.normal(k3, (ng, n))).astype(jnp.float16)
+    packed = jax.random.bits(k1, (n, ng, g // 2), jnp.uint8)
+    scale = (jax.random.uniform(k2, (n, ng), jnp.float32, 0.001, 0.01)).astype(jnp.float16)
+    mn = (-8 * scale.astype(jnp.float32) + 0.001 * jax.random.normal(k3, (n, ng))).astype(jnp.float16)
     return packed, scale, mn
 
 
@@ -233,7 +241,8 @@ def check_matmul(args, kw_list, first=None):
     rng = np.random.default_rng(0)
     cases = [(1, 4096, 14336, 128, jnp.bfloat16), (8, 14336, 4096, 128, jnp.bfloat16),
              (3, 300, 1000, 64, jnp.bfloat16), (5, 4096, 1024, 128, jnp.float16),
-             (2, 1000, 200, 32, jnp.float32), (7, 2048, 640, 256, jnp.bfloat16)]
+             (2, 1000, 200, 32, jnp.float32), (7, 2048, 640, 256, jnp.bfloat16),
+             (1, 4096, 128256, 128, jnp.bfloat16), (4, 600, 37, 64, jnp.float32)]
     if args.smoke:
         cases = [(1, 256, 200, 64, jnp.bfloat16), (3, 300, 100, 32, jnp.float32)]
     for (m, k, n, g, dt) in cases[:first]:
@@ -246,10 +255,6 @@ def check_matmul(args, kw_list, first=None):
             ref = int4_matmul_reference(x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=g)
         for kw in kw_list:
             kw = dict(kw)
-            if kw.get("block_k") is not None and kw["block_k"] % g:
-                kw["block_k"] = None
-            if kw.get("unpack") == "magic" and dt == jnp.float32:
-                kw["unpack"] = "auto"
             try:
                 y = int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, **kw)
                 fro, mx = rel_errs(y, ref)
@@ -459,21 +464,34 @@ def xla_attention(args, ctx, t, kvh=8, r=4, d=128):
 # sweep
 # ---------------------------------------------------------------------------------------
 
+MM_SWEEP = dict(block_n=(8, 16, 32), groups_per_step=(8, 16, 32), num_warps=(2, 4, 8), prefetch=(False, True))
+
+
+def mm_sweep_configs(base):
+    """{} (the baseline `base` = the --mm-* options, also timed against bf16), then every
+    MM_SWEEP combination that differs from it, as full overrides."""
+    import itertools
+
+    cfgs = [{}]
+    for vals in itertools.product(*MM_SWEEP.values()):
+        over = dict(zip(MM_SWEEP, vals))
+        if any(base.get(k) != v for k, v in over.items()):
+            cfgs.append(over)
+    return cfgs
+
+
 def sweep(args):
-    mm_cfgs = [
-        {}, {"prefetch": False}, {"orient": "wx"}, {"unpack": "cvt"}, {"block_n": 64}, {"block_n": 256},
-        {"block_k": 256}, {"block_k": 512}, {"num_warps": 8}, {"num_stages": 1}, {"num_stages": 2},
-        {"split_k": 1}, {"split_k": 8}, {"split_k": 16}, {"block_n": 64, "block_k": 256},
-        {"block_n": 256, "block_k": 256, "num_warps": 8},
-    ]
+    mm_cfgs = [] if args.skip_mm else mm_sweep_configs(mm_kwargs(args))
     mm_shapes = [tuple(int(v) for v in s_.split("x")) for s_ in args.sweep_mm.split(",")]
     at_cfgs = [
         {}, {"prefetch": False}, {"unpack": "cvt"}, {"block_k": 64}, {"block_k": 256}, {"num_splits": 16},
         {"num_splits": 64}, {"num_warps": 8}, {"num_stages": 1}, {"num_stages": 3},
     ]
+    if args.skip_attn:
+        at_cfgs = []
     ctxs = [int(v) for v in args.sweep_ctx.split(",")]
     jobs = []
-    for i in range(max(len(mm_cfgs), len(at_cfgs))):  # alternate, most informative first
+    for i in range(max(len(mm_cfgs), len(at_cfgs))):  # alternate (attention runs out first)
         if i < len(mm_cfgs):
             jobs.append(("mm", mm_cfgs[i]))
         if i < len(at_cfgs):
@@ -516,10 +534,11 @@ def main():
     ap.add_argument("--skip-main", action="store_true", help="no main timing table (e.g. sweep only)")
     ap.add_argument("--skip-mm", action="store_true")
     ap.add_argument("--skip-attn", action="store_true")
-    ap.add_argument("--check-variants", action="store_true", help="check every unpack/orient variant")
+    ap.add_argument("--check-variants", action="store_true",
+                    help="also check other block sizes / prefetch / split-K variants (first two cases)")
     ap.add_argument("--contexts", default="8192,32768,65536,131072,262144")
     ap.add_argument("--mm-m", default="1,4,8")
-    ap.add_argument("--sweep-mm", default="1x4096x14336,1x14336x4096,1x4096x1024", help="MxKxN,...")
+    ap.add_argument("--sweep-mm", default="1x4096x28672,1x14336x4096,1x4096x6144", help="MxKxN,... (G=128)")
     ap.add_argument("--sweep-ctx", default="32768,131072")
     ap.add_argument("--sweep-jobs", default="", help='JSON [["mm"|"at", {overrides}], ...] instead of the built-in list')
     ap.add_argument("--copy-mib", type=int, default=1024)
@@ -533,13 +552,12 @@ def main():
     ap.add_argument("--calls-per-jit", type=int, default=4,
                     help="calls per executable (each call site compiles its own Triton kernel)")
     ap.add_argument("--attn-first", action="store_true", help="time attention before the matmul")
-    ap.add_argument("--mm-block-n", type=int, default=None)
-    ap.add_argument("--mm-block-k", type=int, default=None)
+    ap.add_argument("--mm-block-n", type=int, default=16)
+    ap.add_argument("--mm-groups-per-step", type=int, default=8)
     ap.add_argument("--mm-warps", type=int, default=4)
-    ap.add_argument("--mm-stages", type=int, default=3)
-    ap.add_argument("--mm-split-k", type=int, default=None)
-    ap.add_argument("--mm-unpack", default="auto")
-    ap.add_argument("--mm-orient", default="auto")
+    ap.add_argument("--mm-stages", type=int, default=1)
+    ap.add_argument("--mm-split-k", type=int, default=None, help="default: auto")
+    ap.add_argument("--mm-prefetch", action="store_true", help="int4_matmul(prefetch=True)")
     ap.add_argument("--at-block-k", type=int, default=None)
     ap.add_argument("--at-block-kb", type=int, default=64)
     ap.add_argument("--at-splits", type=int, default=None)
@@ -570,9 +588,11 @@ def main():
         if not args.skip_attn:
             check_attention(args, atv)
         if args.check_variants:  # other code paths, on the first two cases
-            mmv = [mm_kwargs(args, o) for o in ({"orient": "wx"}, {"unpack": "cvt", "prefetch": False},
-                                                 {"block_k": 512, "split_k": 3},
-                                                 {"block_n": 64, "orient": "wx", "unpack": "cvt"})]
+            mmv = [mm_kwargs(args, o) for o in ({"prefetch": not args.mm_prefetch},
+                                                 {"block_n": 8, "groups_per_step": 16, "split_k": 3},
+                                                 {"block_n": 32, "groups_per_step": 4, "num_warps": 8,
+                                                  "prefetch": True},
+                                                 {"split_k": 1, "num_warps": 2})]
             atv = [at_kwargs(args, o) for o in ({"unpack": "cvt"}, {"block_k": 256, "num_splits": 3},
                                                  {"block_k": 32, "unpack": "cvt", "prefetch": False})]
             if not args.skip_mm:
@@ -658,6 +678,18 @@ def main():
                 where = f"at ctx={r['ctx']} T={r['t']}"
                 val = (f"{r['time_s'] * 1e6:8.1f} {r['tb_s']:5.2f}" if "time_s" in r else r.get("error", "")[:60])
             log(f"  {where:<28} {str(r.get('over')):<40} {val}")
+        best = {}
+        for r in RESULTS["sweep"]:
+            if r["kernel"] == "int4_matmul" and "int4_s" in r:
+                key = (r["m"], r["k"], r["n"])
+                if key not in best or r["int4_s"] < best[key]["int4_s"]:
+                    best[key] = r
+        for (m, k, n), r in best.items():
+            base = [b for b in RESULTS["sweep"] if b["kernel"] == "int4_matmul" and not b.get("over")
+                    and (b["m"], b["k"], b["n"]) == (m, k, n) and "int4_s" in b]
+            vs = f" (baseline {base[0]['int4_s'] * 1e6:.1f} us)" if base else ""
+            log(f"  best mm M={m} K={k} N={n}: {r['int4_s'] * 1e6:.1f} us {r['int4_tb_s']:.2f} TB/s "
+                f"{r.get('over') or 'baseline'}{vs}")
     dump(args)
     return 0
 

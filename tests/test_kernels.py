@@ -2,14 +2,16 @@
 
 Interpret mode proves numerics, not Triton's constraints: `scripts/bench_kernels.py`
 checks the same kernels on the GPU. Shapes are small (interpret mode runs the grid
-sequentially) and awkward: ragged K and N, lengths that are no multiple of the block,
-empty quantized history, full buffer, several batch rows at different positions.
+sequentially) and awkward: ragged K and N, a ragged last K split, lengths that are no
+multiple of the block, empty quantized history, full buffer, several batch rows at
+different positions.
 Each distinct static configuration costs one interpret-mode compile (~3-10 s), so one
 compiled kernel is reused for several position sets where possible.
 
 Tolerances (relative Frobenius error of the output against the float32 reference on
 the same inputs): float32 2e-5; float16 5e-3; bfloat16 1.5e-2 (a bf16 output rounding
-alone is ~3e-3; the kernels also round q*scale and p*scale to bf16 for the dots).
+alone is ~3e-3; the attention kernels also round q*scale and p*scale to bf16 for the
+dots; the INT4 matmul computes in float32 and rounds only its output).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import jax.numpy as jnp
 
 from pallas_kernels.hier_attention import (HierAttentionShapeError, hier_attention, hier_attention_auto,
                                            hier_attention_reference)
-from pallas_kernels.int4_matmul import Int4ShapeError, int4_linear, int4_matmul, int4_matmul_reference
+from pallas_kernels.int4_matmul import (MAX_M, Int4ShapeError, int4_linear, int4_matmul, int4_matmul_reference,
+                                        pallas_unsupported_reason, split_plan)
 from qspec_jax import kv_quant
-from qspec_jax.quant_weights import quantize_rtn
+from qspec_jax.quant_weights import dequantize_weight, pack_weight, quantize_rtn, unpack_codes
 
 TOL = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.float16): 5e-3, jnp.dtype(jnp.bfloat16): 1.5e-2}
 
@@ -45,18 +48,19 @@ def highest(fn, *args, **kw):
 # ---------------------------------------------------------------------------------------
 
 MM_CASES = [
-    # m, k, n, g, dtype, kernel kwargs
-    (1, 1000, 200, 128, jnp.bfloat16, dict()),  # ragged K (last group 104 rows), ragged N
-    (3, 300, 96, 32, jnp.float32, dict(orient="wx", block_n=64, block_k=64, split_k=3)),
-    (8, 512, 64, 256, jnp.float16, dict(block_n=32)),
-    (5, 256, 130, 64, jnp.bfloat16, dict(prefetch=False, block_k=128, unpack="cvt")),
-    (2, 1000, 200, 128, jnp.float32, dict(block_k=512, split_k=3)),  # prefetched groups past the range
-    (4, 640, 48, 128, jnp.bfloat16, dict(block_n=16, split_k=1, orient="wx")),
-    # CUDA-core GEMV: per-element accumulator (M = 1), per-group reduction (M > 1), cvt unpack
-    (1, 1000, 200, 128, jnp.bfloat16, dict(orient="simt", block_n=64, split_k=3)),
-    (1, 576, 96, 64, jnp.float32, dict(orient="simt", block_n=32)),
-    (3, 300, 130, 32, jnp.float16, dict(orient="simt", block_n=64, unpack="cvt")),
-    (2, 512, 64, 256, jnp.bfloat16, dict(orient="simt", simt_acc="2d", block_n=16)),
+    # m, k, n, g, dtype, kernel kwargs (defaults: block_n 16, groups_per_step 8, split_k auto)
+    pytest.param(1, 1000, 200, 128, jnp.bfloat16, dict(), id="defaults-raggedK104-raggedN"),
+    pytest.param(3, 600, 37, 64, jnp.float32, dict(split_k=3, groups_per_step=2),
+                 id="split3-ragged-last-split-raggedK-raggedN"),
+    pytest.param(3, 600, 37, 64, jnp.float32, dict(split_k=3, groups_per_step=2, prefetch=True),
+                 id="split3-ragged-last-split-prefetch"),
+    pytest.param(1, 320, 48, 32, jnp.float32, dict(groups_per_step=4, split_k=2, prefetch=True),
+                 id="G32-split2-gps8-last-split-2-groups-prefetch"),
+    pytest.param(8, 512, 70, 256, jnp.float16, dict(block_n=8, prefetch=True), id="M8-G256-f16-prefetch"),
+    pytest.param(8, 2048, 40, 128, jnp.bfloat16, dict(), id="M8-auto-split2-unmasked-groups"),
+    pytest.param(3, 1024, 96, 32, jnp.bfloat16, dict(block_n=32, split_k=1, prefetch=True),
+                 id="M3-G32-4-steps-unmasked-prefetch"),
+    pytest.param(1, 256, 64, 64, jnp.bfloat16, dict(block_n=4, split_k=1), id="block_n4-no-masks"),
 ]
 
 
@@ -71,6 +75,51 @@ def test_int4_matmul_matches_reference(m, k, n, g, dtype, kw):
     assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)]
 
 
+def test_split_plan():
+    assert split_plan(32, 896, 8) == (1, 32)  # 4096x14336 / block_n 16: enough programs already
+    assert split_plan(112, 256, 8) == (2, 56)  # 14336x4096: ceil(264/256) = 2
+    assert split_plan(32, 3, 8) == (4, 8)  # capped by n_groups // groups_per_step
+    assert split_plan(10, 3, 2, 3) == (3, 4)  # 4 + 4 + 2 groups: a ragged last split
+    assert split_plan(10, 3, 4, 2) == (2, 8)  # 8 + 2
+    assert split_plan(3, 1, 8, 5) == (1, 3)  # 3 groups round up to one step: 1 split
+    assert split_plan(5, 1, 1, 99) == (5, 1)  # at most one split per group
+
+
+def test_quantized_weight_layout_round_trip():
+    """pack_weight / unpack_codes / dequantize_weight round-trip; the K-major byte layout;
+    the reference equals x @ dequantize_weight (ragged last group)."""
+    rng = np.random.default_rng(3)
+    k, n, g = 200, 24, 64
+    ng = -(-k // g)
+    codes = rng.integers(0, 16, size=(ng * g, n)).astype(np.uint8)
+    codes[k:] = 0
+    scale = rng.uniform(0.01, 0.1, size=(ng, n)).astype(np.float16)
+    mn = rng.uniform(-1, 0, size=(ng, n)).astype(np.float16)
+    qw = pack_weight(jnp.asarray(codes), scale, mn, k, g)
+    assert qw.packed.shape == (n, ng, g // 2) and qw.packed.dtype == jnp.uint8
+    assert qw.scale.shape == qw.minimum.shape == (n, ng) and qw.scale.dtype == jnp.float16
+    assert qw.shape == (k, n) and qw.nbytes == n * ng * g // 2 + 4 * n * ng
+    p = np.asarray(qw.packed)
+    c3 = codes.reshape(ng, g, n)
+    np.testing.assert_array_equal(p & 0xF, c3[:, : g // 2].transpose(2, 0, 1))  # byte j: row g*G + j
+    np.testing.assert_array_equal(p >> 4, c3[:, g // 2:].transpose(2, 0, 1))  # high nibble: row g*G + G/2 + j
+    np.testing.assert_array_equal(np.asarray(unpack_codes(qw)), codes)
+    dense = (c3 * scale.astype(np.float32)[:, None] + mn.astype(np.float32)[:, None]).reshape(-1, n)[:k]
+    np.testing.assert_array_equal(np.asarray(dequantize_weight(qw)), dense)
+    np.testing.assert_array_equal(np.asarray(dequantize_weight(qw, out_major=True)), dense.T)
+    x = jnp.asarray(rng.standard_normal((3, k)), jnp.float32)
+    ref = highest(int4_matmul_reference, x, qw.packed, qw.scale, qw.minimum, group_size=g)
+    assert rel_fro(ref, highest(jnp.dot, x, dequantize_weight(qw))) < 1e-6
+    # RTN: within half a step of the weights; its codes re-pack to the same bytes
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    qr = quantize_rtn(w, g)
+    err = np.abs(np.asarray(dequantize_weight(qr)) - w)
+    step = np.repeat(np.asarray(qr.scale, np.float32).T, g, axis=0)[:k]
+    assert np.all(err <= 0.5 * step + 1e-2 * np.abs(w) + 1e-3)
+    again = pack_weight(unpack_codes(qr), qr.scale.T, qr.minimum.T, k, g)
+    np.testing.assert_array_equal(np.asarray(again.packed), np.asarray(qr.packed))
+
+
 def test_int4_linear_dispatch():
     rng = np.random.default_rng(7)
     k, n, g = 200, 72, 64
@@ -82,11 +131,13 @@ def test_int4_linear_dispatch():
     assert rel_fro(y.reshape(6, n), ref) < 2e-5
     y_auto = int4_linear(x, qw)  # CPU: auto -> reference
     assert rel_fro(y_auto.reshape(6, n), ref) < 2e-5
-    # many rows: auto takes dequantize + XLA dot (prefill), which agrees closely
-    xb = jnp.asarray(rng.standard_normal((100, k)), jnp.float32)
-    refb = highest(int4_matmul_reference, xb, qw.packed, qw.scale, qw.minimum, group_size=g)
-    yb = highest(int4_linear, xb, qw)
-    assert rel_fro(yb, refb) < 2e-5
+    # more than MAX_M rows: auto takes dequantize + XLA dot (prefill), which agrees closely
+    for rows in (MAX_M + 1, 100):
+        xb = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+        refb = highest(int4_matmul_reference, xb, qw.packed, qw.scale, qw.minimum, group_size=g)
+        assert pallas_unsupported_reason(rows, qw) is not None
+        yb = highest(int4_linear, xb, qw, interpret=True)  # interpret: would pick pallas if it could
+        assert rel_fro(yb, refb) < 2e-5
 
 
 def test_int4_bad_inputs_raise_before_launch():
@@ -97,23 +148,42 @@ def test_int4_bad_inputs_raise_before_launch():
         int4_linear(x, qw, backend="pallas")
     assert int4_linear(x, qw, backend="auto").shape == (1, 40)  # falls back to the reference
     qw = quantize_rtn(jnp.asarray(rng.standard_normal((128, 40)), jnp.float32), 64)
+    x = jnp.ones((1, 128), jnp.float32)
+    call = lambda xx=x, p=qw.packed, s=qw.scale, mn=qw.minimum, **kw: int4_matmul(  # noqa: E731
+        xx, p, s, mn, **{"group_size": 64, **kw})
     with pytest.raises(ValueError, match="features"):
         int4_linear(jnp.ones((1, 100)), qw)
-    with pytest.raises(Int4ShapeError, match="M="):
-        int4_linear(jnp.ones((65, 128), jnp.bfloat16), qw, backend="pallas")
-    with pytest.raises(Int4ShapeError, match="block_n"):
-        int4_matmul(jnp.ones((1, 128)), qw.packed, qw.scale, qw.minimum, group_size=64, block_n=96)
-    with pytest.raises(Int4ShapeError, match="block_k"):
-        int4_matmul(jnp.ones((1, 128)), qw.packed, qw.scale, qw.minimum, group_size=64, block_k=96)
-    with pytest.raises(Int4ShapeError, match="K="):
-        int4_matmul(jnp.ones((1, 200)), qw.packed, qw.scale, qw.minimum, group_size=64)
-    with pytest.raises(Int4ShapeError, match="packed"):
-        int4_matmul(jnp.ones((1, 128)), qw.packed[:-1], qw.scale, qw.minimum, group_size=64)
-    with pytest.raises(Int4ShapeError, match="magic"):
-        int4_matmul(jnp.ones((1, 128), jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=64,
-                    unpack="magic", orient="xw")
-    with pytest.raises(Int4ShapeError, match="simt"):
-        int4_matmul(jnp.ones((9, 128)), qw.packed, qw.scale, qw.minimum, group_size=64, orient="simt")
+    with pytest.raises(Int4ShapeError, match="M=9"):
+        int4_linear(jnp.ones((9, 128), jnp.bfloat16), qw, backend="pallas")
+    with pytest.raises(Int4ShapeError, match="M=9"):
+        call(jnp.ones((9, 128)))
+    with pytest.raises(Int4ShapeError, match="block_n .* got 96"):
+        call(block_n=96)
+    with pytest.raises(Int4ShapeError, match="block_n .* got 512"):
+        call(block_n=512)
+    with pytest.raises(Int4ShapeError, match="groups_per_step .* got 3"):
+        call(groups_per_step=3)
+    with pytest.raises(Int4ShapeError, match="tile"):
+        call(block_n=256, groups_per_step=16)
+    with pytest.raises(Int4ShapeError, match="split_k .* 0"):
+        call(split_k=0)
+    with pytest.raises(Int4ShapeError, match="num_warps .* 3"):
+        call(num_warps=3)
+    with pytest.raises(Int4ShapeError, match="K=200"):
+        call(jnp.ones((1, 200)))
+    with pytest.raises(Int4ShapeError, match="scale/minimum"):
+        call(p=qw.packed[:-1])
+    with pytest.raises(Int4ShapeError, match="scale/minimum"):
+        call(mn=qw.minimum[:, :1])
+    with pytest.raises(Int4ShapeError, match="packed .* got shape \\(40, 2, 16\\)"):
+        call(p=qw.packed[:, :, :16])
+    with pytest.raises(Int4ShapeError, match="K-major"):  # the old [n_groups*G/2, N] layout
+        call(p=qw.packed.transpose(1, 2, 0).reshape(64, 40), s=qw.scale.T, mn=qw.minimum.T)
+    with pytest.raises(Int4ShapeError, match="uint8"):
+        call(p=qw.packed.astype(jnp.int8))
+    with pytest.raises(Int4ShapeError, match="int32"):
+        call(jnp.ones((1, 128), jnp.int32))
+    assert "K-major" in pallas_unsupported_reason(1, qw.replace(packed=qw.packed.reshape(40, -1)))
 
 
 # ---------------------------------------------------------------------------------------
