@@ -7,6 +7,12 @@ other draft tensor IS the target's, re-attached on load. The metadata holds the 
 a fingerprint of the target (config + a checksum of a few tensors) and, for GPTQ, a
 checksum of the calibration tokens. A draft saved for another model is refused on load
 with `DraftMismatchError`.
+
+On-disk format (`DRAFT_FORMAT`, in the metadata): v2 stores the K-major INT4 layout of
+`qspec_jax.quant_weights` (packed uint8 [out, n_groups, G/2], scale / minimum float16
+[out, n_groups]). `load_draft` refuses v1 drafts (the N-major layout, packed
+[n_groups*G/2, out]) with a message to rebuild them (`OldDraftFormatError`);
+`get_or_make_draft` rebuilds and overwrites them, with a warning.
 """
 
 from __future__ import annotations
@@ -30,7 +36,19 @@ from qspec_jax.errors import DraftMismatchError
 from qspec_jax.model import Params
 from qspec_jax.quant_weights import QuantizedWeight
 
-DRAFT_FORMAT = "qspec-jax-draft-v1"
+DRAFT_FORMAT = "qspec-jax-draft-v2"  # bump whenever the stored arrays' layout changes
+_OLD_FORMATS = {"qspec-jax-draft-v1": "the N-major INT4 layout, packed [n_groups*G/2, out], used before the "
+                                      "switch to the K-major [out, n_groups, G/2] layout"}
+
+
+class OldDraftFormatError(DraftMismatchError):
+    """A stored draft of an older on-disk format (`_OLD_FORMATS`; `.format`): rebuild it."""
+
+    def __init__(self, message: str, format: str):
+        super().__init__(message)
+        self.format = format
+
+
 _TAG_RE = re.compile(r"^(rtn|gptq)-(all|mlp)-g(\d+)(-fphead)?$")
 
 
@@ -133,7 +151,7 @@ def save_draft(checkpoint_dir: str | os.PathLike, draft_params: Params, recipe: 
         flat[f"{name}.packed"] = np.asarray(qw.packed)
         flat[f"{name}.scale"] = np.asarray(qw.scale)
         flat[f"{name}.minimum"] = np.asarray(qw.minimum)
-        shapes[name] = [int(qw.in_features), int(qw.packed.shape[-1])]
+        shapes[name] = [int(d) for d in qw.shape]  # [in, out]
     meta = {"format": DRAFT_FORMAT, "recipe": dataclasses.asdict(recipe), "tag": recipe_tag(recipe),
             "target_fingerprint": fingerprint, "shapes": shapes, "calibration": calibration}
     return save_pytree(draft_dir(checkpoint_dir, recipe), flat, meta, overwrite=overwrite)
@@ -150,8 +168,14 @@ def load_draft(checkpoint_dir: str | os.PathLike, target_params: Params, config:
     if not (path / "metadata.json").is_file():
         return None
     flat, meta = load_pytree(path)
-    if meta.get("format") != DRAFT_FORMAT:
-        raise DraftMismatchError(f"{path}: not a qspec-jax draft (format {meta.get('format')!r})")
+    fmt = meta.get("format")
+    if fmt in _OLD_FORMATS:
+        raise OldDraftFormatError(
+            f"{path}: draft saved in the old on-disk format {fmt!r} ({_OLD_FORMATS[fmt]}); this version reads "
+            f"{DRAFT_FORMAT!r}. Delete {path} and rebuild the draft (get_or_make_draft rebuilds and saves it; or "
+            f"make_draft(target_params, recipe) / gptq.make_gptq_draft)", fmt)
+    if fmt != DRAFT_FORMAT:
+        raise DraftMismatchError(f"{path}: not a qspec-jax draft of format {DRAFT_FORMAT!r} (format {fmt!r})")
     stored = meta.get("recipe", {})
     if stored != dataclasses.asdict(recipe):
         raise DraftMismatchError(f"{path}: stored recipe {stored} differs from the requested "
@@ -177,6 +201,13 @@ def load_draft(checkpoint_dir: str | os.PathLike, target_params: Params, config:
             packed, scale, mn = (flat[f"{name}.{p}"] for p in ("packed", "scale", "minimum"))
         except KeyError as e:
             raise CheckpointError(f"{path}: missing array {e}") from None
+        g, k, n = recipe.group_size, int(k), int(n)
+        ng = -(-k // g)
+        if packed.shape != (n, ng, g // 2) or scale.shape != (n, ng) or mn.shape != (n, ng):
+            raise DraftMismatchError(
+                f"{path}: {name} stores packed {packed.shape}, scale {scale.shape}, minimum {mn.shape}; the "
+                f"{DRAFT_FORMAT} layout of a [{k}, {n}] weight at G={g} is packed {(n, ng, g // 2)}, scale/minimum "
+                f"{(n, ng)}: delete {path} and rebuild the draft")
         qws[name] = QuantizedWeight(packed=jnp.asarray(packed), scale=jnp.asarray(scale), minimum=jnp.asarray(mn),
                                     in_features=int(k), group_size=recipe.group_size)
 
@@ -199,13 +230,22 @@ def get_or_make_draft(checkpoint_dir: str | os.PathLike | None, target_params: P
     save it (unless save=False or checkpoint_dir is None).
 
     For GPTQ a stored draft is reused only if it was calibrated on the same tokens (when
-    calib_tokens are given); with calib_tokens=None any stored GPTQ draft is used.
+    calib_tokens are given); with calib_tokens=None any stored GPTQ draft is used. A stored
+    draft of an older on-disk format is rebuilt and overwritten (with a warning; GPTQ needs
+    calib_tokens for that, else OldDraftFormatError).
     """
     calibration = None
     if recipe.method == "gptq" and calib_tokens is not None:
         calibration = {"tokens": tokens_fingerprint(calib_tokens), "shape": list(np.shape(calib_tokens))}
     if checkpoint_dir is not None:
-        draft = load_draft(checkpoint_dir, target_params, config, recipe, calibration=calibration)
+        try:
+            draft = load_draft(checkpoint_dir, target_params, config, recipe, calibration=calibration)
+        except OldDraftFormatError as e:
+            if recipe.method == "gptq" and calib_tokens is None:
+                raise
+            warnings.warn(f"{draft_dir(checkpoint_dir, recipe)}: stored draft in the old on-disk format "
+                          f"{e.format!r}: rebuilding it as {DRAFT_FORMAT!r}", stacklevel=2)
+            draft = None
         if draft is not None:
             return draft
     if recipe.method == "gptq":
@@ -242,7 +282,7 @@ def _nbytes(x, dense_itemsize: int | None) -> int:
 def _read_bytes(p: Params, dense_itemsize: int | None) -> int:
     total = _nbytes(p.final_norm, dense_itemsize)
     for layer in p.layers:
-        for f in ("attn_norm", "mlp_norm", "bq", "bk", "bv") + ATTN_WEIGHTS + MLP_WEIGHTS:
+        for f in ("attn_norm", "mlp_norm", "bqkv") + ATTN_WEIGHTS + MLP_WEIGHTS:
             total += _nbytes(getattr(layer, f), dense_itemsize)
     # the head: a separate (maybe INT4) lm_head, else the tied embedding read whole as embed^T
     total += _nbytes(p.lm_head if p.lm_head is not None else p.embed, dense_itemsize)

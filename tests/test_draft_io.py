@@ -1,5 +1,7 @@
 """Drafts saved beside their target checkpoint: round trip, refusal of a foreign draft, bytes."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +129,48 @@ def test_weight_bytes_report():
     assert 0 < full["draft_read_ratio"] < 0.4
     f32 = weight_bytes_report(target)
     assert f32["target_read_per_step"] == 2 * full["target_read_per_step"]
+
+
+def test_old_format_and_layout_are_refused_with_rebuild_hint(tmp_path):
+    """v1 drafts (the N-major INT4 layout) and arrays not in the K-major layout are refused by
+    load_draft; get_or_make_draft rebuilds a v1 draft where it can."""
+    path = save_draft(tmp_path, make_draft(TARGET, RECIPE), RECIPE, target_params=TARGET, config=CFG)
+    assert load_draft(tmp_path, TARGET, CFG, RECIPE) is not None
+    mfile = path / "metadata.json"
+    d = json.loads(mfile.read_text())
+    assert d["metadata"]["format"] == draft_io.DRAFT_FORMAT == "qspec-jax-draft-v2"
+    d["metadata"]["format"] = "qspec-jax-draft-v1"
+    mfile.write_text(json.dumps(d))
+    with pytest.raises(DraftMismatchError, match=r"old on-disk format 'qspec-jax-draft-v1'.*rebuild"):
+        load_draft(tmp_path, TARGET, CFG, RECIPE)
+    gptq = DraftRecipe(group_size=32, scope="mlp", method="gptq")
+    gpath = save_draft(tmp_path, make_draft(TARGET, DraftRecipe(group_size=32, scope="mlp")), gptq,
+                       target_params=TARGET, config=CFG)
+    (gpath / "metadata.json").write_text((gpath / "metadata.json").read_text().replace(
+        draft_io.DRAFT_FORMAT, "qspec-jax-draft-v1"))
+    with pytest.raises(DraftMismatchError, match="rebuild"):  # GPTQ without calibration tokens: cannot rebuild
+        get_or_make_draft(tmp_path, TARGET, CFG, gptq)
+    with pytest.warns(UserWarning, match="old on-disk format.*rebuilding"):  # RTN: rebuilt and overwritten
+        rebuilt = get_or_make_draft(tmp_path, TARGET, CFG, RECIPE)
+    assert json.loads(mfile.read_text())["metadata"]["format"] == draft_io.DRAFT_FORMAT
+    for a, b in zip(leaves(rebuilt), leaves(load_draft(tmp_path, TARGET, CFG, RECIPE))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    d = json.loads(mfile.read_text())
+    d["metadata"]["format"] = "something-else"
+    mfile.write_text(json.dumps(d))
+    with pytest.raises(DraftMismatchError, match="not a qspec-jax draft"):
+        load_draft(tmp_path, TARGET, CFG, RECIPE)
+    # v2 metadata over arrays in the old [n_groups*G/2, out] layout
+    d["metadata"]["format"] = draft_io.DRAFT_FORMAT
+    mfile.write_text(json.dumps(d))
+    flat, meta = draft_io.load_pytree(path)
+    old = {}
+    for key, a in flat.items():
+        if key.endswith(".packed"):
+            a = a.transpose(1, 2, 0).reshape(-1, a.shape[0])
+        elif key.endswith((".scale", ".minimum")):
+            a = a.T
+        old[key] = a
+    draft_io.save_pytree(path, old, meta, overwrite=True)
+    with pytest.raises(DraftMismatchError, match=r"stores packed \(\d+, \d+\),.*layout.*rebuild"):
+        load_draft(tmp_path, TARGET, CFG, RECIPE)
