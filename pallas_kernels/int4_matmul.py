@@ -26,19 +26,22 @@ a warp's shuffles, the loads are wide and coalesced along K, and the accumulator
 [block_n, groups_per_step] per row. No dot, so bf16/f16/f32 activations take one code
 path (f32 arithmetic inside, output in x.dtype).
 
-`prefetch=True` pipelines by hand: step i+1's tile, stats and x are loaded before step i
-is computed (the last step re-loads itself, unused, so no load is out of range); off by
-default until a GPU sweep says otherwise (`scripts/bench_kernels.py --sweep`).
+For M > 1 the "dot" path (`_int4_dot_kernel`) takes over: per group, tensor-core dots of
+the K-major tile [block_n, G/2] (already the row-major A operand) with x's halves; the
+reduce kernel's work grows with M, a dot's does not. `resolve_path` picks per M.
 
-Status (prototype numbers, NVIDIA H200, 2026-11-26, `PYTHONPATH=.:scripts python3
-exp/int4_kmajor.py`, the prototype since folded into this module and bench_kernels.py;
-M=1 bf16, G=128, profiled device time per call): the N-major kernel this replaces
-reached 1.14-1.31 TB/s of INT4 bytes, the K-major prototype 1.44-1.95 TB/s: 4096x14336
-27.3 -> 20.3 us; 14336x4096 25.2 -> 21.6; 4096x6144 15.5 -> 10.1; 4096x28672 52.0 ->
-36.1; 4096x128256 213 -> 143. Defaults are the sweep's robust choice: block_n 16,
-groups_per_step 8, num_warps 4 (num_stages made no difference), split_k auto =
-max(1, min(n_groups // groups_per_step, ceil(264 / n_blocks))). This module's cleaned-up
-kernel is the prototype's; re-measure with `scripts/bench_kernels.py`.
+`prefetch=True` ("reduce") pipelines by hand: step i+1's tile, stats and x are loaded
+before step i is computed. It lost in the H100 sweep (docs/results/kernels_sweep4_kmajor_h100.json)
+and is off by default.
+
+Status (NVIDIA H100 80GB HBM3, jax 0.11.2, 2026-11-26; `scripts/bench_kernels.py --skip-check
+--skip-attn --mm-m 1,4 --profile`, docs/results/kernels_mm_h100_2026-11-26.json; device time
+per call, bf16, G=128). M = 1 ("reduce"): 4096x6144 10.5 us (1.28 TB/s of INT4 bytes, 1.96x
+the bf16 XLA dot), 4096x28672 36.8 us (1.69 TB/s, 2.10x), 14336x4096 23.3 us (1.34 TB/s,
+1.74x), 4096x128256 145.5 us (1.92 TB/s, 2.32x); the N-major kernel this replaced ran
+4096x14336 in 27.7 us, this one in 20.8. M = 4 ("dot"): 0.6-1.26 TB/s, 0.85-1.53x bf16 (the
+replaced N-major dot kernel: 1.30-1.34x on the unfused MLP shapes). The 2.2 TB/s target
+is not reached: small shapes are latency bound (4096x4096: 9.4 us for 8.9 MB).
 
 `int4_linear` is the dispatcher a model calls with a `QuantizedWeight`.
 """
@@ -86,6 +89,8 @@ TARGET_PROGRAMS = 264  # split-K aims at ~2 programs per SM (132 SMs on H100 / H
 MAX_TILE_BYTES = 1 << 16  # block_n * groups_per_step * G/2: bigger tiles only spill registers
 DEFAULT_BLOCK_N = 16
 DEFAULT_GROUPS_PER_STEP = 8
+DOT_BLOCK_N = 64  # the M > 1 tensor-core path ("dot")
+DOT_GROUPS_PER_STEP = 1
 _F32_MAGIC = (0x4B000000, 8388608.0)  # f32 bits 0x4B000000 | c == 2**23 + c (c < 2**23)
 
 
@@ -231,21 +236,94 @@ def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n,
             o_ref[idx] = y
 
 
+def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, block_n, gpb, gps, steps,
+                     n_ragged, split_out, cdt):
+    """Tensor-core variant for M > 1: per group, acc[bn, mp] += (lo . x_lo^T + hi . x_hi^T) * s
+    + min * sum(x_g). The K-major tile [bn, G/2] is already the row-major A operand of the
+    dot; x (rows padded to mp >= 16 by masked loads) is B. Every group of the step is
+    loaded before the first is computed (more bytes in flight)."""
+    f32 = jnp.float32
+    prec = lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
+    n0 = pl.multiple_of(pl.program_id(0) * block_n, block_n)
+    sk = pl.program_id(1)
+    g_begin = sk * gps
+    g_end = jnp.minimum(g_begin + gps, ng)
+    cmask = (n0 + jnp.arange(block_n, dtype=jnp.int32)) < n if n_ragged else None
+    cols = pl.ds(n0, block_n)
+    rmask = (jnp.arange(mp, dtype=jnp.int32) < m)[:, None]
+
+    def load_group(gi):
+        gc = jnp.minimum(gi, g_end - 1)  # a step's groups past the split's end: clamped, weighted 0
+        if n_ragged:
+            tile = plgpu.load(p_ref.at[cols, gc, :], mask=cmask[:, None], other=0)
+            s = plgpu.load(s_ref.at[cols, gc], mask=cmask, other=0)
+            mn = plgpu.load(mn_ref.at[cols, gc], mask=cmask, other=0)
+        else:
+            tile, s, mn = p_ref[cols, gc, :], s_ref[cols, gc], mn_ref[cols, gc]
+        valid = gi < g_end
+        s = jnp.where(valid, s.astype(f32), 0.0)
+        mn = jnp.where(valid, mn.astype(f32), 0.0)
+        xl = plgpu.load(x_ref.at[pl.ds(0, mp), gc, pl.ds(0, half)], mask=rmask, other=0).astype(f32)
+        xh = plgpu.load(x_ref.at[pl.ds(0, mp), gc, pl.ds(half, half)], mask=rmask, other=0).astype(f32)
+        return tile, s, mn, xl, xh
+
+    def compute(data, acc):
+        tile, s, mn, xl, xh = data
+        lo, hi = (tile & 0xF).astype(cdt), (tile >> 4).astype(cdt)
+        dims = (((1,), (1,)), ((), ()))
+        d = (lax.dot_general(lo, xl.astype(cdt), dims, precision=prec, preferred_element_type=f32)
+             + lax.dot_general(hi, xh.astype(cdt), dims, precision=prec, preferred_element_type=f32))  # [bn, mp]
+        xsum = jnp.sum(xl, axis=1) + jnp.sum(xh, axis=1)  # [mp]
+        return acc + d * s[:, None] + mn[:, None] * xsum[None, :]
+
+    def body(i, acc):
+        g0 = g_begin + i * gpb
+        data = [load_group(g0 + u) for u in range(gpb)]
+        for u in range(gpb):
+            acc = compute(data[u], acc)
+        return acc
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((block_n, mp), f32))
+    y = acc.T  # [mp, bn]
+    mask = rmask if cmask is None else rmask & cmask[None, :]
+    if split_out:
+        plgpu.store(o_ref.at[pl.ds(sk, 1), pl.ds(0, mp), cols], y.reshape(1, mp, block_n), mask=mask[None])
+    else:
+        plgpu.store(o_ref.at[pl.ds(0, mp), cols], y.astype(o_ref.dtype), mask=mask)
+
+
+def resolve_path(m: int, path: str, block_n, groups_per_step):
+    """(path, block_n, groups_per_step) where the caller left "auto" / None: M = 1 takes the
+    CUDA-core "reduce" kernel (block_n 16, 8 groups per step), M > 1 the tensor-core "dot"
+    kernel (block_n 64, 1 group per step): the reduce kernel's work grows with M (M=4 ran
+    at 0.5-0.7 TB/s on the H100), a dot's does not."""
+    if path == "auto":
+        path = "reduce" if m == 1 else "dot"
+    if path not in ("reduce", "dot"):
+        raise Int4ShapeError(f"path must be 'auto', 'reduce' or 'dot', got {path!r}")
+    dflt = {"reduce": (DEFAULT_BLOCK_N, DEFAULT_GROUPS_PER_STEP), "dot": (DOT_BLOCK_N, DOT_GROUPS_PER_STEP)}[path]
+    return path, dflt[0] if block_n is None else block_n, dflt[1] if groups_per_step is None else groups_per_step
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "groups_per_step", "split_k", "num_warps",
-                                             "num_stages", "prefetch", "interpret"))
-def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = DEFAULT_BLOCK_N,
-                groups_per_step: int = DEFAULT_GROUPS_PER_STEP, split_k: int | None = None, num_warps: int = 4,
-                num_stages: int = 1, prefetch: bool = False, interpret: bool = False):
+                                             "num_stages", "prefetch", "path", "interpret"))
+def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
+                groups_per_step: int | None = None, split_k: int | None = None, num_warps: int = 4,
+                num_stages: int = 1, prefetch: bool = False, path: str = "auto", interpret: bool = False):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]).
 
     x [M, K] bf16/f16/f32 (M <= MAX_M = 8, K <= n_groups*G; a ragged last group is
     zero-padded), packed uint8 [N, n_groups, G/2], scale/min f16 [N, n_groups].
-    block_n: output columns per program (power of 2, 4..256). groups_per_step: K groups
-    per loop step (power of 2; capped at the next power of 2 of n_groups). split_k:
-    programs along K (None: auto, see `split_plan`); partials are summed by XLA.
-    prefetch: load step i+1 before computing step i. num_warps / num_stages: Triton's.
+    path: "reduce" (CUDA-core, reductions along K; the M = 1 default), "dot" (tensor-core
+    dots; the M > 1 default) or "auto". block_n: output columns per program (power of 2,
+    4..256). groups_per_step: K groups per loop step (power of 2; capped at the next power
+    of 2 of n_groups). None: the path's default (`resolve_path`). split_k: programs along
+    K (None: auto, see `split_plan`); partials are summed by XLA. prefetch ("reduce"
+    only): load step i+1 before computing step i. num_warps / num_stages: Triton's.
     interpret: Pallas interpret mode (any backend; for tests).
     """
+    path, block_n, groups_per_step = resolve_path(x.shape[0] if x.ndim == 2 else 1, path, block_n,
+                                                  groups_per_step)
     check_int4_matmul_args(x.shape, packed.shape, scale.shape, minimum.shape, group_size, block_n,
                            groups_per_step, split_k, num_warps, x_dtype=x.dtype, packed_dtype=packed.dtype)
     m, k = x.shape
@@ -259,9 +337,15 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int = DE
     x3 = xp.reshape(m, ng, group_size)
     split_out = splits > 1
     out_shape = (splits, m, n) if split_out else (m, n)
-    kernel = functools.partial(_int4_kernel, m=m, n=n, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
-                               steps=steps, n_ragged=n % block_n != 0, g_ragged=g_ragged, split_out=split_out,
-                               prefetch=prefetch)
+    if path == "dot":
+        cdt = jnp.dtype(x.dtype) if jnp.dtype(x.dtype) in SUPPORTED_DTYPES[:2] else jnp.dtype(jnp.float32)
+        kernel = functools.partial(_int4_dot_kernel, m=m, mp=max(16, _next_pow2(m)), n=n, ng=ng, half=half,
+                                   block_n=block_n, gpb=gpb, gps=gps, steps=steps, n_ragged=n % block_n != 0,
+                                   split_out=split_out, cdt=cdt)
+    else:
+        kernel = functools.partial(_int4_kernel, m=m, n=n, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
+                                   steps=steps, n_ragged=n % block_n != 0, g_ragged=g_ragged,
+                                   split_out=split_out, prefetch=prefetch)
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,

@@ -552,8 +552,8 @@ def main():
     ap.add_argument("--calls-per-jit", type=int, default=4,
                     help="calls per executable (each call site compiles its own Triton kernel)")
     ap.add_argument("--attn-first", action="store_true", help="time attention before the matmul")
-    ap.add_argument("--mm-block-n", type=int, default=16)
-    ap.add_argument("--mm-groups-per-step", type=int, default=8)
+    ap.add_argument("--mm-block-n", type=int, default=None, help="default: the path's (int4_matmul.resolve_path)")
+    ap.add_argument("--mm-groups-per-step", type=int, default=None, help="default: the path's")
     ap.add_argument("--mm-warps", type=int, default=4)
     ap.add_argument("--mm-stages", type=int, default=1)
     ap.add_argument("--mm-split-k", type=int, default=None, help="default: auto")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from pallas_kernels.hier_attention import (HierAttentionShapeError, hier_attention, hier_attention_auto,
                                            hier_attention_reference)
 from pallas_kernels.int4_matmul import (MAX_M, Int4ShapeError, int4_linear, int4_matmul, int4_matmul_reference,
-                                        pallas_unsupported_reason, split_plan)
+                                        pallas_unsupported_reason, resolve_path, split_plan)
 from qspec_jax import kv_quant
 from qspec_jax.quant_weights import dequantize_weight, pack_weight, quantize_rtn, unpack_codes
 
@@ -48,18 +48,24 @@ def highest(fn, *args, **kw):
 # ---------------------------------------------------------------------------------------
 
 MM_CASES = [
-    # m, k, n, g, dtype, kernel kwargs (defaults: block_n 16, groups_per_step 8, split_k auto)
+    # m, k, n, g, dtype, kernel kwargs (path auto: "reduce" for M = 1, "dot" for M > 1)
     pytest.param(1, 1000, 200, 128, jnp.bfloat16, dict(), id="defaults-raggedK104-raggedN"),
     pytest.param(3, 600, 37, 64, jnp.float32, dict(split_k=3, groups_per_step=2),
                  id="split3-ragged-last-split-raggedK-raggedN"),
-    pytest.param(3, 600, 37, 64, jnp.float32, dict(split_k=3, groups_per_step=2, prefetch=True),
-                 id="split3-ragged-last-split-prefetch"),
+    pytest.param(3, 600, 37, 64, jnp.float32, dict(split_k=3, groups_per_step=2, prefetch=True, path="reduce"),
+                 id="reduce-M3-split3-ragged-last-split-prefetch"),
     pytest.param(1, 320, 48, 32, jnp.float32, dict(groups_per_step=4, split_k=2, prefetch=True),
                  id="G32-split2-gps8-last-split-2-groups-prefetch"),
-    pytest.param(8, 512, 70, 256, jnp.float16, dict(block_n=8, prefetch=True), id="M8-G256-f16-prefetch"),
+    pytest.param(8, 512, 70, 256, jnp.float16, dict(block_n=8, prefetch=True, path="reduce"),
+                 id="reduce-M8-G256-f16-prefetch"),
     pytest.param(8, 2048, 40, 128, jnp.bfloat16, dict(), id="M8-auto-split2-unmasked-groups"),
-    pytest.param(3, 1024, 96, 32, jnp.bfloat16, dict(block_n=32, split_k=1, prefetch=True),
-                 id="M3-G32-4-steps-unmasked-prefetch"),
+    pytest.param(3, 1024, 96, 32, jnp.bfloat16, dict(block_n=32, split_k=1, prefetch=True, path="reduce"),
+                 id="reduce-M3-G32-4-steps-unmasked-prefetch"),
+    pytest.param(8, 512, 70, 256, jnp.float16, dict(block_n=32), id="dot-M8-G256-f16-raggedN"),
+    pytest.param(2, 1024, 96, 32, jnp.bfloat16, dict(groups_per_step=4, split_k=1), id="dot-M2-G32-4-groups-per-step"),
+    pytest.param(5, 700, 64, 128, jnp.float32, dict(split_k=2, groups_per_step=2),
+                 id="dot-M5-f32-raggedK-split2-clamped-groups"),
+    pytest.param(1, 300, 130, 64, jnp.bfloat16, dict(path="dot"), id="dot-M1-raggedK-raggedN"),
     pytest.param(1, 256, 64, 64, jnp.bfloat16, dict(block_n=4, split_k=1), id="block_n4-no-masks"),
 ]
 
@@ -73,6 +79,14 @@ def test_int4_matmul_matches_reference(m, k, n, g, dtype, kw):
     assert y.shape == (m, n) and y.dtype == x.dtype
     ref = highest(int4_matmul_reference, x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=g)
     assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)]
+
+
+def test_resolve_path_defaults_per_rows():
+    assert resolve_path(1, "auto", None, None) == ("reduce", 16, 8)
+    assert resolve_path(4, "auto", None, None) == ("dot", 64, 1)
+    assert resolve_path(4, "reduce", 32, None) == ("reduce", 32, 8)
+    with pytest.raises(Int4ShapeError, match="path"):
+        resolve_path(1, "simt", None, None)
 
 
 def test_split_plan():
