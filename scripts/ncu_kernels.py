@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Run each Pallas kernel a few times at the Llama-3.1-8B shapes, for Nsight Compute.
+
+  ncu --kernel-name regex:'int4_matmul|hier_attention' --launch-skip 2 --launch-count 6 \\
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \\
+      python3 scripts/ncu_kernels.py
+(the GPU machine has ncu; this machine has no GPU). Calls: INT4 GEMV M=1 on the qkv,
+gate/up and down shapes, draft attention (T=1, upper plane) and verify attention (T=5,
+INT8) at --context tokens. Each kernel runs `--calls` times (the first call compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench_kernels import attn_inputs, random_int4  # noqa: E402
+from pallas_kernels.hier_attention import hier_attention  # noqa: E402
+from pallas_kernels.int4_matmul import int4_matmul  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--skip-attn", action="store_true")
+    args = ap.parse_args()
+    key = jax.random.PRNGKey(0)
+    for k, n in ((4096, 6144), (4096, 28672), (14336, 4096)):
+        p, s, mn = random_int4(key, k, n, 128)
+        x = jax.random.normal(key, (1, k), jnp.bfloat16)
+        for _ in range(args.calls):
+            jax.block_until_ready(int4_matmul(x, p, s, mn, group_size=128))
+        print(f"int4_matmul 1x{k}x{n}: {args.calls} calls", flush=True)
+    if args.skip_attn:
+        return
+    for t, lower in ((1, False), (5, True)):
+        q, cache, pos, bst, _ = attn_inputs(args.context, t, lower)
+        ku, kl, ks, km, vu, vl, vs, vm, bk, bv = cache
+        for _ in range(args.calls):
+            jax.block_until_ready(hier_attention(q, ku, kl, ks, km, vu, vl, vs, vm, bk, bv, pos, bst, group_size=128,
+                                                 use_lower=lower))
+        print(f"hier_attention T={t} use_lower={lower} ctx={args.context}: {args.calls} calls", flush=True)
+
+
+if __name__ == "__main__":
+    main()
