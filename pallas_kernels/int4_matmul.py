@@ -164,16 +164,22 @@ def split_plan(n_groups: int, n_blocks: int, groups_per_step: int, split_k: int 
     return splits, (gps if splits > 1 else n_groups)
 
 
-def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n, gpb, gps, steps, n_ragged,
-                 g_ragged, split_out, prefetch):
-    """One program: columns [j*block_n, +block_n) (masked past N), groups [s*gps, g_end)."""
-    f32 = jnp.float32
+def _program_block(*, n, ng, block_n, gps, n_ragged):
+    """What both kernels' programs share: program (j, sk) owns output columns cols =
+    [j*block_n, +block_n) (cmask: those < N, when N is ragged) and K groups [g_begin, g_end)."""
     n0 = pl.multiple_of(pl.program_id(0) * block_n, block_n)
     sk = pl.program_id(1)
     g_begin = sk * gps
     g_end = jnp.minimum(g_begin + gps, ng)
     cmask = (n0 + jnp.arange(block_n, dtype=jnp.int32)) < n if n_ragged else None
-    cols = pl.ds(n0, block_n)
+    return sk, g_begin, g_end, cmask, pl.ds(n0, block_n)
+
+
+def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n, gpb, gps, steps, n_ragged,
+                 g_ragged, split_out, prefetch):
+    """One program: columns [j*block_n, +block_n) (masked past N), groups [s*gps, g_end)."""
+    f32 = jnp.float32
+    sk, g_begin, g_end, cmask, cols = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
 
     def load_step(i):
         """Everything step i reads: tile uint8 [bn, gpb, G/2], scale / min f32 [bn, gpb], and
@@ -244,12 +250,7 @@ def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, 
     loaded before the first is computed (more bytes in flight)."""
     f32 = jnp.float32
     prec = lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
-    n0 = pl.multiple_of(pl.program_id(0) * block_n, block_n)
-    sk = pl.program_id(1)
-    g_begin = sk * gps
-    g_end = jnp.minimum(g_begin + gps, ng)
-    cmask = (n0 + jnp.arange(block_n, dtype=jnp.int32)) < n if n_ragged else None
-    cols = pl.ds(n0, block_n)
+    sk, g_begin, g_end, cmask, cols = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
     rmask = (jnp.arange(mp, dtype=jnp.int32) < m)[:, None]
 
     def load_group(gi):
