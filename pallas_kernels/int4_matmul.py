@@ -26,7 +26,7 @@ a warp's shuffles, the loads are wide and coalesced along K, and the accumulator
 [block_n, groups_per_step] per row. No dot, so bf16/f16/f32 activations take one code
 path (f32 arithmetic inside, output in x.dtype).
 
-For M > 1 the "dot" path (`_int4_dot_kernel`) takes over: per group, tensor-core dots of
+For M > 2 the "dot" path (`_int4_dot_kernel`) takes over: per group, tensor-core dots of
 the K-major tile [block_n, G/2] (already the row-major A operand) with x's halves; the
 reduce kernel's work grows with M, a dot's does not. `resolve_path` picks per M.
 
@@ -89,7 +89,7 @@ TARGET_PROGRAMS = 264  # split-K aims at ~2 programs per SM (132 SMs on H100 / H
 MAX_TILE_BYTES = 1 << 16  # block_n * groups_per_step * G/2: bigger tiles only spill registers
 DEFAULT_BLOCK_N = 16
 DEFAULT_GROUPS_PER_STEP = 8
-DOT_BLOCK_N = 64  # the M > 1 tensor-core path ("dot")
+DOT_BLOCK_N = 64  # the M > 2 tensor-core path ("dot")
 DOT_GROUPS_PER_STEP = 1
 _F32_MAGIC = (0x4B000000, 8388608.0)  # f32 bits 0x4B000000 | c == 2**23 + c (c < 2**23)
 
@@ -244,7 +244,7 @@ def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n,
 
 def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, block_n, gpb, gps, steps,
                      n_ragged, split_out, cdt):
-    """Tensor-core variant for M > 1: per group, acc[bn, mp] += (lo . x_lo^T + hi . x_hi^T) * s
+    """Tensor-core variant for M > 2: per group, acc[bn, mp] += (lo . x_lo^T + hi . x_hi^T) * s
     + min * sum(x_g). The K-major tile [bn, G/2] is already the row-major A operand of the
     dot; x (rows padded to mp >= 16 by masked loads) is B. Every group of the step is
     loaded before the first is computed (more bytes in flight)."""
@@ -294,12 +294,13 @@ def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, 
 
 
 def resolve_path(m: int, path: str, block_n, groups_per_step):
-    """(path, block_n, groups_per_step) where the caller left "auto" / None: M = 1 takes the
-    CUDA-core "reduce" kernel (block_n 16, 8 groups per step), M > 1 the tensor-core "dot"
-    kernel (block_n 64, 1 group per step): the reduce kernel's work grows with M (M=4 ran
-    at 0.5-0.7 TB/s on the H100), a dot's does not."""
+    """(path, block_n, groups_per_step) where the caller left "auto" / None: M <= 2 takes the
+    CUDA-core "reduce" kernel (block_n 16, 8 groups per step), M > 2 the tensor-core "dot"
+    kernel (block_n 64, 1 group per step). H100 (docs/results/kernels_sweep7_paths_m2_m8_h100.json):
+    the reduce kernel's work grows with M (qkv shape: 10.5 / 19.2 / 49.2 us at M = 1 / 2 / 8),
+    the dot kernel's does not (21.7 / 21.9 us at M = 2 / 8)."""
     if path == "auto":
-        path = "reduce" if m == 1 else "dot"
+        path = "reduce" if m <= 2 else "dot"
     if path not in ("reduce", "dot"):
         raise Int4ShapeError(f"path must be 'auto', 'reduce' or 'dot', got {path!r}")
     dflt = {"reduce": (DEFAULT_BLOCK_N, DEFAULT_GROUPS_PER_STEP), "dot": (DOT_BLOCK_N, DOT_GROUPS_PER_STEP)}[path]
@@ -315,8 +316,8 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
 
     x [M, K] bf16/f16/f32 (M <= MAX_M = 8, K <= n_groups*G; a ragged last group is
     zero-padded), packed uint8 [N, n_groups, G/2], scale/min f16 [N, n_groups].
-    path: "reduce" (CUDA-core, reductions along K; the M = 1 default), "dot" (tensor-core
-    dots; the M > 1 default) or "auto". block_n: output columns per program (power of 2,
+    path: "reduce" (CUDA-core, reductions along K; the M <= 2 default), "dot" (tensor-core
+    dots; the M > 2 default) or "auto". block_n: output columns per program (power of 2,
     4..256). groups_per_step: K groups per loop step (power of 2; capped at the next power
     of 2 of n_groups). None: the path's default (`resolve_path`). split_k: programs along
     K (None: auto, see `split_plan`); partials are summed by XLA. prefetch ("reduce"

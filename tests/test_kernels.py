@@ -48,7 +48,7 @@ def highest(fn, *args, **kw):
 # ---------------------------------------------------------------------------------------
 
 MM_CASES = [
-    # m, k, n, g, dtype, kernel kwargs (path auto: "reduce" for M = 1, "dot" for M > 1)
+    # m, k, n, g, dtype, kernel kwargs (path auto: "reduce" for M <= 2, "dot" for M > 2)
     pytest.param(1, 1000, 200, 128, jnp.bfloat16, dict(), id="defaults-raggedK104-raggedN"),
     pytest.param(3, 600, 37, 64, jnp.float32, dict(split_k=3, groups_per_step=2),
                  id="split3-ragged-last-split-raggedK-raggedN"),
@@ -62,7 +62,8 @@ MM_CASES = [
     pytest.param(3, 1024, 96, 32, jnp.bfloat16, dict(block_n=32, split_k=1, prefetch=True, path="reduce"),
                  id="reduce-M3-G32-4-steps-unmasked-prefetch"),
     pytest.param(8, 512, 70, 256, jnp.float16, dict(block_n=32), id="dot-M8-G256-f16-raggedN"),
-    pytest.param(2, 1024, 96, 32, jnp.bfloat16, dict(groups_per_step=4, split_k=1), id="dot-M2-G32-4-groups-per-step"),
+    pytest.param(2, 1024, 96, 32, jnp.bfloat16, dict(groups_per_step=4, split_k=1, path="dot"),
+                 id="dot-M2-G32-4-groups-per-step"),
     pytest.param(5, 700, 64, 128, jnp.float32, dict(split_k=2, groups_per_step=2),
                  id="dot-M5-f32-raggedK-split2-clamped-groups"),
     pytest.param(1, 300, 130, 64, jnp.bfloat16, dict(path="dot"), id="dot-M1-raggedK-raggedN"),
@@ -83,7 +84,8 @@ def test_int4_matmul_matches_reference(m, k, n, g, dtype, kw):
 
 def test_resolve_path_defaults_per_rows():
     assert resolve_path(1, "auto", None, None) == ("reduce", 16, 8)
-    assert resolve_path(4, "auto", None, None) == ("dot", 64, 1)
+    assert resolve_path(2, "auto", None, None) == ("reduce", 16, 8)
+    assert resolve_path(3, "auto", None, None) == ("dot", 64, 1)
     assert resolve_path(4, "reduce", 32, None) == ("reduce", 32, 8)
     with pytest.raises(Int4ShapeError, match="path"):
         resolve_path(1, "simt", None, None)
