@@ -91,6 +91,7 @@ DEFAULT_BLOCK_N = 16
 DEFAULT_GROUPS_PER_STEP = 8
 DOT_BLOCK_N = 64  # the M > 2 tensor-core path ("dot")
 DOT_GROUPS_PER_STEP = 1
+_MAGIC_16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}  # bits|c = off+c
 _F32_MAGIC = (0x4B000000, 8388608.0)  # f32 bits 0x4B000000 | c == 2**23 + c (c < 2**23)
 
 
@@ -243,7 +244,7 @@ def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n,
 
 
 def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, block_n, gpb, gps, steps,
-                     n_ragged, split_out, cdt):
+                     n_ragged, split_out, cdt, magic):
     """Tensor-core variant for M > 2: per group, acc[bn, mp] += (lo . x_lo^T + hi . x_hi^T) * s
     + min * sum(x_g). The K-major tile [bn, G/2] is already the row-major A operand of the
     dot; x (rows padded to mp >= 16 by masked loads) is B. Every group of the step is
@@ -270,11 +271,18 @@ def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, 
 
     def compute(data, acc):
         tile, s, mn, xl, xh = data
-        lo, hi = (tile & 0xF).astype(cdt), (tile >> 4).astype(cdt)
+        if magic is not None:  # nibble -> 16-bit float (offset + c) by bit operations, no conversion
+            t16 = tile.astype(jnp.uint16)
+            lo = lax.bitcast_convert_type((t16 & 0xF) | magic[0], cdt)
+            hi = lax.bitcast_convert_type((t16 >> 4) | magic[0], cdt)
+        else:
+            lo, hi = (tile & 0xF).astype(cdt), (tile >> 4).astype(cdt)
         dims = (((1,), (1,)), ((), ()))
         d = (lax.dot_general(lo, xl.astype(cdt), dims, precision=prec, preferred_element_type=f32)
              + lax.dot_general(hi, xh.astype(cdt), dims, precision=prec, preferred_element_type=f32))  # [bn, mp]
         xsum = jnp.sum(xl, axis=1) + jnp.sum(xh, axis=1)  # [mp]
+        if magic is not None:  # remove the offset: sum((off + c) x) = off * sum(x) + sum(c x)
+            d = d - magic[1] * xsum[None, :]
         return acc + d * s[:, None] + mn[:, None] * xsum[None, :]
 
     def body(i, acc):
@@ -308,10 +316,11 @@ def resolve_path(m: int, path: str, block_n, groups_per_step):
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "groups_per_step", "split_k", "num_warps",
-                                             "num_stages", "prefetch", "path", "interpret"))
+                                             "num_stages", "prefetch", "path", "magic", "interpret"))
 def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
                 groups_per_step: int | None = None, split_k: int | None = None, num_warps: int = 4,
-                num_stages: int = 1, prefetch: bool = False, path: str = "auto", interpret: bool = False):
+                num_stages: int = 1, prefetch: bool = False, path: str = "auto", magic: bool = True,
+                interpret: bool = False):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]).
 
     x [M, K] bf16/f16/f32 (M <= MAX_M = 8, K <= n_groups*G; a ragged last group is
@@ -321,7 +330,9 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     4..256). groups_per_step: K groups per loop step (power of 2; capped at the next power
     of 2 of n_groups). None: the path's default (`resolve_path`). split_k: programs along
     K (None: auto, see `split_plan`); partials are summed by XLA. prefetch ("reduce"
-    only): load step i+1 before computing step i. num_warps / num_stages: Triton's.
+    only): load step i+1 before computing step i. magic ("dot" with bf16/f16 x): nibbles
+    become 16-bit floats by bit operations (bf16 0x4300|c = 128 + c), the offset removed
+    through x's group sums, instead of integer->float conversions. num_warps / num_stages: Triton's.
     interpret: Pallas interpret mode (any backend; for tests).
     """
     path, block_n, groups_per_step = resolve_path(x.shape[0] if x.ndim == 2 else 1, path, block_n,
@@ -343,7 +354,7 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
         cdt = jnp.dtype(x.dtype) if jnp.dtype(x.dtype) in SUPPORTED_DTYPES[:2] else jnp.dtype(jnp.float32)
         kernel = functools.partial(_int4_dot_kernel, m=m, mp=max(16, _next_pow2(m)), n=n, ng=ng, half=half,
                                    block_n=block_n, gpb=gpb, gps=gps, steps=steps, n_ragged=n % block_n != 0,
-                                   split_out=split_out, cdt=cdt)
+                                   split_out=split_out, cdt=cdt, magic=_MAGIC_16.get(cdt) if magic else None)
     else:
         kernel = functools.partial(_int4_kernel, m=m, n=n, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
                                    steps=steps, n_ragged=n % block_n != 0, g_ragged=g_ragged,

@@ -67,6 +67,7 @@ MM_CASES = [
     pytest.param(5, 700, 64, 128, jnp.float32, dict(split_k=2, groups_per_step=2),
                  id="dot-M5-f32-raggedK-split2-clamped-groups"),
     pytest.param(1, 300, 130, 64, jnp.bfloat16, dict(path="dot"), id="dot-M1-raggedK-raggedN"),
+    pytest.param(4, 300, 130, 64, jnp.bfloat16, dict(magic=False), id="dot-M4-cvt-unpack"),
     pytest.param(1, 256, 64, 64, jnp.bfloat16, dict(block_n=4, split_k=1), id="block_n4-no-masks"),
 ]
 
