@@ -42,7 +42,7 @@ def top2_margin(params, cfg, prompt, generated):
 
 
 def main():
-    dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"
+    dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"  # argv[2]: modes, comma-separated
     cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_layers=4, num_heads=8,
                       num_kv_heads=2, head_dim=64, max_position_embeddings=8192)
     params = init_random_params(cfg, jax.random.PRNGKey(0), jnp.dtype(dtype), scale=0.06)
@@ -53,8 +53,12 @@ def main():
     spec = CacheSpec(capacity=1024 + 640, kind="int8", dtype=dtype, group_size=128, spec_room=9)
     rows = []
     t = time.time()
-    for mode, opts in (("pallas", ForwardOptions(backend="auto")),
-                       ("reference+exact_rows", ForwardOptions(backend="reference", exact_rows=True))):
+    modes = {"pallas": ForwardOptions(backend="auto"),
+             "reference+exact_rows": ForwardOptions(backend="reference", exact_rows=True),
+             # diagnostic: jnp attention, XLA dots over all T tokens at once (which part is not T-invariant?)
+             "reference": ForwardOptions(backend="reference")}
+    wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else ["pallas", "reference+exact_rows"]
+    for mode, opts in ((m, modes[m]) for m in wanted):
         ar = generate(params, cfg, toks, lengths, max_new_tokens=600, cache_spec=spec, eos_ids=(), opts=opts)
         for gamma in (1, 4):
             out = speculative_generate(params, draft, cfg, toks, lengths, gamma=gamma, max_new_tokens=600,
