@@ -49,8 +49,8 @@ class DraftRecipe:
 def make_draft(params: Params, recipe: DraftRecipe = DraftRecipe(), *, quantizer=None) -> Params:
     """Target params -> draft params: the same `Params` with the recipe's weights replaced
     by INT4 `QuantizedWeight` leaves (round-to-nearest, asymmetric, per group of
-    G = `recipe.group_size` input rows; layout in `qspec_jax.quant_weights`). Every other tensor (embedding, norms) is the
-    target's own array.
+    G = `recipe.group_size` input rows; layout in `qspec_jax.quant_weights`). Every other
+    tensor (embedding, norms) is the target's own array.
 
     quantizer(name, layer_index, w) -> QuantizedWeight overrides round-to-nearest (GPTQ).
     To keep a draft on disk beside its checkpoint, use `get_or_make_draft`.

@@ -61,9 +61,9 @@ class Params:
     lm_head: Weight | None = None  # [hidden, vocab]; None when tied to embed
 
 
-# Checkpoint (flat) names of a layer's tensors, and how they fuse into LayerParams fields.
-LAYER_FIELDS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-BIAS_FIELDS = ("bq", "bk", "bv")
+# LayerParams fields stored under their own checkpoint (flat) name, and the fused fields
+# with the checkpoint names they concatenate (columns in this order).
+UNFUSED = ("attn_norm", "wo", "mlp_norm", "w_down")
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up"), "bqkv": ("bq", "bk", "bv")}
 
 
@@ -129,7 +129,7 @@ def params_from_flat(flat: dict[str, Any], config: LlamaConfig, dtype=jnp.bfloat
     for n in range(config.num_layers):
         def fused(field):
             return jnp.concatenate([get(f"layers.{n}.{f}") for f in FUSED[field]], axis=-1)
-        kw = {f: get(f"layers.{n}.{f}") for f in ("attn_norm", "wo", "mlp_norm", "w_down")}
+        kw = {f: get(f"layers.{n}.{f}") for f in UNFUSED}
         kw.update(wqkv=fused("wqkv"), w_gate_up=fused("w_gate_up"))
         if config.attention_bias:
             kw["bqkv"] = fused("bqkv")
@@ -158,7 +158,7 @@ def params_to_flat(params: Params, config: LlamaConfig) -> dict[str, Any]:
     sizes = {"wqkv": qkv_sizes(config), "bqkv": qkv_sizes(config),
              "w_gate_up": (config.intermediate_size,) * 2}
     for n, layer in enumerate(params.layers):
-        for f in ("attn_norm", "wo", "mlp_norm", "w_down"):
+        for f in UNFUSED:
             flat[f"layers.{n}.{f}"] = getattr(layer, f)
         for field, names in FUSED.items():
             val = getattr(layer, field)

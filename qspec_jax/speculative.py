@@ -28,6 +28,7 @@ import numpy as np
 
 from qspec_jax.cache_spec import CacheSpec
 from qspec_jax.config import LlamaConfig
+from qspec_jax.draft import ATTN_WEIGHTS, MLP_WEIGHTS
 from qspec_jax.errors import DraftMismatchError, is_traced, static_instance, static_int, static_int_tuple
 from qspec_jax.generate import RUNNING, STOP_EOS, STOP_LENGTH, check_fits, emit, is_eos, prefill
 from qspec_jax.hier_cache import DRAFT, TARGET
@@ -359,7 +360,7 @@ def _check_draft_matches(target: Params, draft: Params, config: LlamaConfig) -> 
         raise DraftMismatchError(f"draft embedding {draft.embed.shape} != target {target.embed.shape}: "
                                  f"the draft must be made from this target; {_REBUILD}")
     tl, dl = target.layers[0], draft.layers[0]
-    for f in ("wqkv", "wo", "w_gate_up", "w_down"):
+    for f in ATTN_WEIGHTS + MLP_WEIGHTS:
         if tuple(getattr(dl, f).shape) != tuple(getattr(tl, f).shape):
             raise DraftMismatchError(f"draft layer weight {f} has shape {tuple(getattr(dl, f).shape)}, target "
                                      f"{tuple(getattr(tl, f).shape)}: the draft must be made from this target; "
