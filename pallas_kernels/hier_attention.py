@@ -203,7 +203,7 @@ def auto_num_splits(b: int, kvh: int, sq: int, block_k: int, rows: int) -> int:
 
 def _attn_kernel(*refs, cfg):
     (d, half, g, gv, w, nch, bk, tk, nsub, bkb, sq, n_splits, b_splits, mp, mrows, cdt, use_lower, magic,
-     mask_tail, prefetch) = cfg
+     mask_tail, prefetch, fixed_chunk) = cfg
     it = iter(refs)
     q_ref, qlen_ref, pos_ref, qmax_ref, bst_ref, brange_ref = (next(it) for _ in range(6))
     ku_ref = next(it)
@@ -265,8 +265,10 @@ def _attn_kernel(*refs, cfg):
         return _plgpu.load(ref.at[idx], mask=valid, other=0).astype(f32)
 
     # ---- quantized history -----------------------------------------------------------
-    per = _cdiv(qmax, n_splits)
-    chunk = _cdiv(per, bk) * bk
+    if fixed_chunk:  # split boundaries by position: a query's tiles do not depend on the other queries
+        chunk = fixed_chunk
+    else:
+        chunk = _cdiv(_cdiv(qmax, n_splits), bk) * bk
     start = si * chunk
     end = jnp.minimum(start + chunk, qmax)
     n_it = jnp.where(si < n_splits, _cdiv(jnp.maximum(end - start, 0), bk), 0)
@@ -393,6 +395,8 @@ def _attn_kernel(*refs, cfg):
     # Only the slots some query can see: [min Q - buf_start, max p - buf_start].
     blo = brange_ref[bi, 0]
     bhi = brange_ref[bi, 1]
+    if fixed_chunk:  # one program, tiles at multiples of bkb (bkb divides G, so of buf_start too)
+        blo = (blo // bkb) * bkb
     b_chunk = _cdiv(_cdiv(jnp.maximum(bhi - blo, 0), b_splits), bkb) * bkb
     b_begin = blo + (si - n_splits) * b_chunk
     b_end = jnp.minimum(b_begin + b_chunk, bhi)
@@ -441,12 +445,13 @@ def resolve_defaults(use_lower: bool, block_k, num_stages, unpack):
 
 @_functools.partial(_jax.jit, static_argnames=(
     "group_size", "use_lower", "sm_scale", "block_k", "block_kb", "num_splits", "buffer_splits", "num_warps",
-    "num_stages", "unpack", "prefetch", "interpret"))
+    "num_stages", "unpack", "prefetch", "fixed_splits", "interpret"))
 def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scale, v_min, buf_k, buf_v,
                    positions, buf_start, *, group_size: int, use_lower: bool, sm_scale: float | None = None,
                    block_k: int | None = None, block_kb: int = 64, num_splits: int | None = None,
                    buffer_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                   unpack: str = "auto", prefetch: bool | None = None, interpret: bool = False):
+                   unpack: str = "auto", prefetch: bool | None = None, fixed_splits: bool = False,
+                   interpret: bool = False):
     """Pallas flash-decoding over the hierarchical cache; same contract as the reference.
 
     q [B, T, H, D] (T <= 16, H/KVH <= 8, D in {64, 128}), positions [B, T], buf_start [B].
@@ -460,6 +465,13 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
       draft  (use_lower=False): block_k 128, num_stages 3, magic unpack, no prefetch
       target (use_lower=True):  block_k 64,  num_stages 2, cvt unpack (3x faster than magic
                                 for T = 8: the magic path needs twice the dots), no prefetch
+    fixed_splits: split the history by position (chunks of capacity / num_splits tokens;
+      num_splits None: max(1024, capacity / 128) tokens, so a row shorter than the capacity
+      keeps the SMs busy; one buffer program with tiles at multiples of
+      min(block_kb, G)) instead of by the rows' lengths. A query's reduction order then depends on its position alone, and a
+      tile that is masked for it adds exact zeros: with the same T (pad the queries) a
+      query gets bitwise the same output whatever the other queries are (the exact mode
+      of `ForwardOptions.fixed_rows`).
     """
     block_k, num_stages, unpack = resolve_defaults(use_lower, block_k, num_stages, unpack)
     check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, positions,
@@ -489,6 +501,16 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     nsub = block_k // tk
     n_splits = auto_num_splits(b, kvh, sq, block_k, mrows) if num_splits is None else num_splits
     n_splits = max(1, min(n_splits, _cdiv(sq, block_k)))
+    if fixed_splits:
+        buffer_splits, block_kb = 1, min(block_kb, g)
+        if num_splits is None:  # chunks of ~1024 tokens (<= 128 of them): a row much shorter than the
+            # capacity still spreads over the SMs (measured at 32K of 128K: 4096-token chunks cost +60%)
+            fixed_chunk = _cdiv(max(1024, _cdiv(sq, 128)), block_k) * block_k
+        else:
+            fixed_chunk = _cdiv(_cdiv(sq, n_splits), block_k) * block_k
+        n_splits = _cdiv(sq, fixed_chunk)
+    else:
+        fixed_chunk = 0
     if buffer_splits is None:
         buffer_splits = max(1, min(4, _cdiv(sb, 256)))
     sm_scale = d ** -0.5 if sm_scale is None else sm_scale
@@ -507,7 +529,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                         jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
-           use_lower, magic, block_k > g, prefetch)
+           use_lower, magic, block_k > g, prefetch, fixed_chunk)
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [
         k_scale, k_min, v_upper] + ([v_lower] if use_lower else []) + [v_scale, v_min, buf_k, buf_v]
     total = n_splits + buffer_splits

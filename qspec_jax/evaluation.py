@@ -268,7 +268,7 @@ def _target_greedy(params, config, cache, logits, *, n, view, opts):
         cache, tok = carry
         pos = cache.lengths
         hidden, cache = forward(params, config, tok[:, None], pos[:, None], cache, view=view, opts=opts)
-        nxt = jnp.argmax(lm_logits(params, hidden[:, 0], opts), axis=-1).astype(jnp.int32)
+        nxt = jnp.argmax(lm_logits(params, hidden, opts)[:, 0], axis=-1).astype(jnp.int32)
         return (cache.commit(pos + 1), nxt), tok
 
     if n == 1:
@@ -296,7 +296,7 @@ def _accept_runs(target, draft, config, cache, toks, *, n_pos, gmax, draft_view,
         def step(s):
             i, c, alive, a = s
             hidden, c = forward(draft, config, at(j + i)[:, None], (base + i)[:, None], c, view=draft_view,
-                                opts=opts)
+                                opts=opts.for_draft())
             pred = jnp.argmax(lm_logits(draft, hidden[:, 0], opts), axis=-1).astype(jnp.int32)
             match = alive & (pred == at(j + i + 1))
             return i + 1, c, match, a + match.astype(jnp.int32)

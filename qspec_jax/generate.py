@@ -44,13 +44,14 @@ class DecodeState:
 
 
 def check_fits(prompt_lengths, max_new_tokens: int, capacity: int, config: LlamaConfig, extra: int = 0, *,
-               padded_width: int | None = None):
+               padded_width: int | None = None, extra_what: str = "speculative slots (gamma + 1)"):
     """Raise before compiling if a prompt plus its new tokens cannot fit.
 
     prompt_lengths: int [B] true prompt lengths (numpy or a concrete jax array). Inside a
       jitted caller they are tracers and their values are unknown: then the static padded
       prompt width `padded_width` (tokens.shape[1]) is used as the bound instead.
-    extra: speculative slots (gamma + 1) past the last generated token.
+    extra: slots one forward writes past the last generated token (gamma + 1 speculative
+      tokens, or ForwardOptions.fixed_rows when set).
     Raises CacheTooShortError (a ValueError) with the numbers and the capacity to use.
     """
     max_new_tokens = static_int("max_new_tokens", max_new_tokens, where="check_fits")
@@ -77,13 +78,34 @@ def check_fits(prompt_lengths, max_new_tokens: int, capacity: int, config: Llama
         hint = f", or max_new_tokens <= {room}" if room >= 1 else ", or a shorter prompt"
         raise CacheTooShortError(
             f"{what} + max_new_tokens={max_new_tokens}"
-            + (f" + {extra} speculative slots (gamma + 1)" if extra else "")
+            + (f" + {extra} {extra_what}" if extra else "")
             + f" = {need} exceeds the cache length {capacity}: use CacheSpec(capacity={need}, ...) or larger"
             + hint)
     if need > config.max_position_embeddings:
         raise ValueError(
             f"prompt + new tokens = {need} exceeds the model's max_position_embeddings="
             f"{config.max_position_embeddings}: lower max_new_tokens or shorten the prompt")
+
+
+PADDED_SLOTS = "padded slots (ForwardOptions.fixed_rows)"
+
+
+def check_fixed_rows(opts: ForwardOptions, cache_spec: CacheSpec, tokens_per_forward: int = 1) -> int:
+    """Validate ForwardOptions.fixed_rows against the cache; -> the slots one forward writes.
+
+    A padded forward writes fixed_rows K/V slots past the committed length, so an "int8"
+    cache needs spec_room >= fixed_rows; and the real tokens must fit the padding.
+    """
+    rows = opts.fixed_rows
+    if not rows:
+        return tokens_per_forward
+    if tokens_per_forward > rows:
+        raise ValueError(f"ForwardOptions(fixed_rows={rows}) is smaller than the {tokens_per_forward} tokens one "
+                         f"forward takes (gamma + 1): use fixed_rows >= {tokens_per_forward}")
+    if cache_spec.kind == "int8" and cache_spec.spec_room < rows:
+        raise ValueError(f"ForwardOptions(fixed_rows={rows}) writes {rows} buffer slots per forward, the cache has "
+                         f"spec_room={cache_spec.spec_room}: use dataclasses.replace(cache_spec, spec_room={rows})")
+    return rows
 
 
 def prefill(params: Params, config: LlamaConfig, tokens, lengths, cache, opts: ForwardOptions):
@@ -148,7 +170,7 @@ def _generate(params, tokens, lengths, rng, *, config, max_new_tokens, sampling,
     def body(s: DecodeState):
         pos = s.cache.lengths  # the fed token's position
         hidden, cache = forward(params, config, s.last[:, None], pos[:, None], s.cache, opts=opts)
-        logits = lm_logits(params, hidden[:, 0], opts)
+        logits = lm_logits(params, hidden, opts)[:, 0]  # [B, 1, H]: fixed_rows pads it like a verify pass
         rng, key = jax.random.split(s.rng)
         tok = sample(key, logits, sampling)
         live = ~s.done
@@ -198,7 +220,9 @@ def generate(params: Params, config: LlamaConfig, tokens, lengths, *, max_new_to
     if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
         raise ValueError(f"tokens must be int32 [B, T] and lengths int32 [B], got shapes {tokens.shape} and "
                          f"{lengths.shape} (a single prompt: tokens[None], lengths[None])")
-    check_fits(lengths, max_new_tokens, cache_spec.capacity, config, padded_width=tokens.shape[1])
+    extra = check_fixed_rows(opts, cache_spec) if opts.fixed_rows else 0
+    check_fits(lengths, max_new_tokens, cache_spec.capacity, config, extra=extra, padded_width=tokens.shape[1],
+               extra_what=PADDED_SLOTS)
     if not is_traced(lengths) and np.asarray(lengths).max() > tokens.shape[1]:
         raise ValueError(f"a prompt length ({int(np.asarray(lengths).max())}) exceeds the padded prompt width "
                          f"{tokens.shape[1]}")

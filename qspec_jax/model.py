@@ -74,12 +74,30 @@ class ForwardOptions:
     backend: "reference" (jnp, any device), "pallas" (GPU kernels) or "auto".
     exact_rows: compute token-wise contractions one token at a time, so that a pass over
       T tokens gives bitwise the numbers of T one-token passes (CPU float32 lossless tests).
+    fixed_rows: 0 (off) or R: every incremental (non-prefill) forward and `lm_logits` over
+      [B, T, hidden] runs on exactly R token rows per sequence (the T real ones first, then
+      padding), and the Pallas attention splits its work by token position instead of by
+      the rows' lengths. A token's numbers then do not depend on how many tokens share its
+      forward, because every kernel sees one shape (on the GPU, XLA's dots and our kernels
+      are row-invariant at a fixed shape; measured on the H100): greedy speculative
+      decoding with gamma + 1 <= R reproduces autoregressive decoding run with the same R
+      bit for bit. Costs R-row matmuls (free at batch 1, memory bound) and R-query
+      attention in the one-token steps of the target; the draft never pads.
     prefill_block: query/key block of the exact prefill attention.
     """
 
     backend: str = "auto"
     exact_rows: bool = False
+    fixed_rows: int = 0
     prefill_block: int = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.fixed_rows, int) or self.fixed_rows < 0:
+            raise ValueError(f"fixed_rows must be an int >= 0 (0 = off), got {self.fixed_rows!r}")
+
+    def for_draft(self) -> "ForwardOptions":
+        """The draft's options: never padded (only the target's numbers must be invariant)."""
+        return dataclasses.replace(self, fixed_rows=0) if self.fixed_rows else self
 
     def use_pallas(self) -> bool:
         if self.backend == "auto":
@@ -226,7 +244,14 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
     view: how the cache is read (cache-type specific: target/draft/streaming).
     Returns (hidden [B, T, hidden] after the final norm, cache). Lengths are not changed:
     the caller commits how many tokens count.
+    With opts.fixed_rows = R (not prefill) the tokens are padded to R per row: the padding
+    repeats the last position (it sees what the last real token sees) and writes its K/V
+    into the R - T slots after the real tokens, which the cache must have room for and
+    which are rewritten before any real token reads them.
     """
+    t_real = tokens.shape[1]
+    if opts.fixed_rows and not prefill:
+        tokens, positions = pad_token_rows(tokens, positions, opts.fixed_rows)
     x = params.embed[tokens]
     cos, sin = rope_tables(config, positions)
     b, t = tokens.shape
@@ -243,12 +268,32 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
         attn, cache = cache.attend(n, q, k, v, positions, prefill=prefill, view=view, opts=opts)
         x = x + linear(attn.reshape(b, t, -1), layer.wo, opts)
         x = x + mlp(rms_norm(x, layer.mlp_norm, config.rms_norm_eps), layer, opts)
-    return rms_norm(x, params.final_norm, config.rms_norm_eps), cache
+    return rms_norm(x, params.final_norm, config.rms_norm_eps)[:, :t_real], cache
+
+
+def pad_token_rows(tokens, positions, rows: int):
+    """Pad tokens / positions [B, T] to [B, rows]: token 0 at the last real position."""
+    b, t = tokens.shape
+    if t > rows:
+        raise ValueError(f"a forward over {t} tokens per row does not fit ForwardOptions(fixed_rows={rows}): "
+                         f"use fixed_rows >= {t} (gamma + 1 for speculative decoding)")
+    tokens = jnp.pad(tokens, ((0, 0), (0, rows - t)))
+    positions = jnp.concatenate([positions, jnp.repeat(positions[:, -1:], rows - t, axis=1)], axis=1)
+    return tokens, positions
 
 
 def lm_logits(params: Params, hidden, opts: ForwardOptions = DEFAULT_OPTIONS):
-    """hidden [..., hidden] -> float32 logits [..., vocab]."""
+    """hidden [..., hidden] -> float32 logits [..., vocab].
+
+    With opts.fixed_rows = R, hidden [B, T, hidden] is padded to R rows per sequence for
+    the matmul (so a one-token step and a verify pass use one shape); 2-D input is not
+    padded (prefill and draft logits, which no exactness argument needs).
+    """
     head = params.lm_head if params.lm_head is not None else params.embed.T
+    t = hidden.shape[1] if hidden.ndim == 3 else 0
+    if opts.fixed_rows and hidden.ndim == 3 and t < opts.fixed_rows:
+        padded = jnp.pad(hidden, ((0, 0), (0, opts.fixed_rows - t), (0, 0)))
+        return linear(padded, head, opts, out_dtype=jnp.float32)[:, :t]
     return linear(hidden, head, opts, out_dtype=jnp.float32)
 
 

@@ -104,6 +104,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
 
     outs = [{} for _ in contexts]
     room = max([g] + list(args.verify_gammas or [])) + 1
+    room = max(room, opts.fixed_rows)
     spec = CacheSpec(capacity=cap, kind="int8", dtype="bfloat16", group_size=args.kv_group, spec_room=room)
     cache = random_cache(spec, config, contexts[0], key)
     tok = jnp.zeros((1,), jnp.int32)
@@ -128,7 +129,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             def body(i, c):
                 cache, tok = c
                 pos = cache.lengths[:, None] + i % g
-                h, cache = forward(p, config, tok[:, None], pos, cache, view=DRAFT, opts=opts)
+                h, cache = forward(p, config, tok[:, None], pos, cache, view=DRAFT, opts=opts.for_draft())
                 return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
             return jax.lax.fori_loop(0, n, body, (cache, tok))
         for o, c in zip(outs, contexts):
@@ -239,7 +240,7 @@ def kv_bytes_fp(config, s):
 
 def bench(args):
     config = SHAPES[args.shape]
-    opts = ForwardOptions(backend=args.backend)
+    opts = ForwardOptions(backend=args.backend, fixed_rows=args.fixed_rows)
     dev = jax.devices()[0]
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
@@ -333,6 +334,8 @@ def main():
     p.add_argument("--weight-group", type=int, default=128)
     p.add_argument("--prefill", type=int, default=0, help="also time prefill of this many tokens")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--fixed-rows", type=int, default=0,
+                   help="ForwardOptions.fixed_rows (the GPU-exact mode): target forwards on this many rows")
     p.add_argument("--diagnose-no-cache-write", action="store_true",
                    help="diagnostic only: skip the KV write (wrong results) to price the in-loop cache update")
     p.add_argument("--profile", action="store_true", help="AR: device kernels of one call by name (profiler)")

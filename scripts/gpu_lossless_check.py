@@ -4,7 +4,8 @@ decoding over the same INT8 hierarchical cache, random weights, several prompts.
 
 On GPU the verify pass (gamma+1 tokens, tiled kernels) and one-token steps may round
 differently, so exact equality is not guaranteed by construction as it is on CPU with
-exact_rows. The check reports, per row, the first divergence and the target's top-2
+exact_rows. `ForwardOptions(fixed_rows=8)` (modes "*+fixed8") runs every target forward
+on 8 token rows and splits attention by position, which should make it exact. The check reports, per row, the first divergence and the target's top-2
 logit margin there: a divergence is acceptable only at a near-tie.
 """
 
@@ -56,11 +57,15 @@ def main():
     modes = {"pallas": ForwardOptions(backend="auto"),
              "reference+exact_rows": ForwardOptions(backend="reference", exact_rows=True),
              # diagnostic: jnp attention, XLA dots over all T tokens at once (which part is not T-invariant?)
-             "reference": ForwardOptions(backend="reference")}
+             "reference": ForwardOptions(backend="reference"),
+             # the exact mode: every target forward on 8 token rows, position-fixed attention splits
+             "pallas+fixed8": ForwardOptions(backend="auto", fixed_rows=8),
+             "reference+fixed8": ForwardOptions(backend="reference", fixed_rows=8)}
+    gammas = (1, 4, 7)
     wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else ["pallas", "reference+exact_rows"]
     for mode, opts in ((m, modes[m]) for m in wanted):
         ar = generate(params, cfg, toks, lengths, max_new_tokens=600, cache_spec=spec, eos_ids=(), opts=opts)
-        for gamma in (1, 4):
+        for gamma in gammas:
             out = speculative_generate(params, draft, cfg, toks, lengths, gamma=gamma, max_new_tokens=600,
                                        cache_spec=spec, eos_ids=(), opts=opts)
             a, s = np.asarray(ar.tokens), np.asarray(out.tokens)

@@ -277,6 +277,41 @@ def test_hier_attention_full_buffer_and_empty_history():
         assert rel_fro(y, ref) < 2e-5
 
 
+@pytest.mark.parametrize("fixed_splits", [True, False])
+def test_hier_attention_fixed_splits_make_a_query_independent_of_the_others(fixed_splits):
+    """The exact mode's kernel property: a query's output is bitwise the same in a verify
+    call (T = 8 rows: 6 tokens that cross a group boundary, 2 padding) and in a one-token
+    call at its own committed length (other rows random, buffer shifted by a flush).
+    With length-based splits (fixed_splits=False) it is not: the control case."""
+    rng = np.random.default_rng(11)
+    b, kvh, r, d, g, sq, sb, rows, t = 2, 2, 4, 64, 32, 256, 72, 8, 6
+    hk, hv = (jnp.asarray(rng.standard_normal((b, kvh, sq, d)), jnp.float32) for _ in range(2))
+    planes = kv_quant.quantize_keys(hk, g), kv_quant.quantize_values(hv, g)
+    (ku, kl, ks, km), (vu, vl, vs, vm) = planes
+
+    def call(q, lengths, pos):  # buffer slot i holds position buf_start + i, as in the cache
+        bst = g * np.maximum(lengths // g - 1, 0)
+        idx = jnp.clip(jnp.asarray(bst)[:, None] + jnp.arange(sb), 0, sq - 1)
+        bk, bv = (jax.vmap(lambda h, i: h[:, i])(h, idx) for h in (hk, hv))
+        return fn(q, bk, bv, jnp.asarray(pos, jnp.int32), jnp.asarray(bst, jnp.int32))
+
+    fn = jax.jit(lambda q, bk, bv, pos, bst: hier_attention(
+        q, ku, kl, ks, km, vu, vl, vs, vm, bk, bv, pos, bst, group_size=g, use_lower=True, block_k=32,
+        num_splits=3, fixed_splits=fixed_splits, interpret=True))
+    lengths = np.asarray([94, 60])  # 94..99 crosses 96: the quantized prefix and buffer start move
+    q = jnp.asarray(rng.standard_normal((b, rows, kvh * r, d)), jnp.float32)
+    verify = call(q, lengths, lengths[:, None] + np.minimum(np.arange(rows), t - 1))
+    diffs = []
+    for j in range(t):
+        qj = jnp.asarray(rng.standard_normal(q.shape), jnp.float32).at[:, 0].set(q[:, j])
+        step = call(qj, lengths + j, np.repeat((lengths + j)[:, None], rows, axis=1))
+        diffs.append(float(jnp.max(jnp.abs(step[:, 0] - verify[:, j]))))
+    if fixed_splits:
+        assert diffs == [0.0] * t
+    else:
+        assert max(diffs) > 0
+
+
 def test_hier_attention_auto_dispatch_and_bad_inputs():
     rng = np.random.default_rng(6)
     b, t, kvh, r, d, g, sq, sb = 1, 1, 2, 2, 64, 32, 128, 70

@@ -71,6 +71,49 @@ def test_every_gamma_with_a_poor_draft_is_still_lossless(gamma):
     assert sum(summary["accepted_per_round_hist"]) == summary["rounds"]
 
 
+FIXED = ForwardOptions(fixed_rows=9, backend="reference")  # the GPU exact mode: one shape for every target forward
+
+
+def test_fixed_rows_makes_a_verify_pass_bitwise_equal_to_one_token_steps():
+    """Without exact_rows, fixed_rows alone makes a T-token forward give the logits of T
+    jitted one-token steps bit for bit (unpadded they differ by ~1e-6: XLA's [T, K] dots);
+    this is what makes the mode exact on the GPU, where exact_rows is too slow."""
+    from qspec_jax.generate import prefill_cache
+    from qspec_jax.hier_cache import TARGET as TARGET_VIEW
+    from qspec_jax.model import forward, lm_logits
+
+    toks, lens = random_prompts(np.random.default_rng(7), [30, 15, 40], CFG.vocab_size, WIDTH)
+    feed = jnp.asarray(np.random.default_rng(8).integers(0, CFG.vocab_size, (3, 6)), jnp.int32)
+    _, cache0 = prefill_cache(TARGET, CFG, toks, lens, cache_spec=INT8)
+
+    @jax.jit
+    def verify(cache, feed):
+        pos = cache.lengths[:, None] + jnp.arange(feed.shape[1])
+        return lm_logits(TARGET, forward(TARGET, CFG, feed, pos, cache, view=TARGET_VIEW, opts=FIXED)[0], FIXED)
+
+    @jax.jit
+    def step(cache, tok):
+        h, cache = forward(TARGET, CFG, tok, cache.lengths[:, None], cache, view=TARGET_VIEW, opts=FIXED)
+        return lm_logits(TARGET, h, FIXED)[:, 0], cache.commit(cache.lengths + 1)
+
+    ver = verify(cache0, feed)
+    cache, steps = cache0, []
+    for i in range(feed.shape[1]):  # 30 + 6 and 40 + 6 cross a group boundary: a flush in between
+        logits, cache = step(cache, feed[:, i:i + 1])
+        steps.append(logits)
+    np.testing.assert_array_equal(np.asarray(ver), np.asarray(jnp.stack(steps, axis=1)))
+
+
+@pytest.mark.parametrize("gamma", [2, 8])
+def test_greedy_speculative_equals_autoregressive_with_fixed_rows(gamma):
+    toks, lens = random_prompts(np.random.default_rng(10 + gamma), [37, 5, 16], CFG.vocab_size, WIDTH)
+    ref = generate(TARGET, CFG, toks, lens, max_new_tokens=MAX_NEW, cache_spec=INT8, eos_ids=(), opts=FIXED)
+    out = speculative_generate(TARGET, DRAFT, CFG, toks, lens, gamma=gamma, max_new_tokens=MAX_NEW,
+                               cache_spec=INT8, eos_ids=(), opts=FIXED)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    assert np.all(np.asarray(out.stats.flushes) >= 5)
+
+
 def test_self_draft_accepts_everything():
     toks, lens = random_prompts(np.random.default_rng(1), [30, 12, 40], CFG.vocab_size, WIDTH)
     fp = CacheSpec(capacity=160, kind="fp", dtype="float32", spec_room=9)
@@ -172,6 +215,14 @@ def test_bad_gamma_and_mismatched_draft_are_named():
     other_cfg = tiny_config(vocab_size=128, num_layers=3)
     with pytest.raises(ValueError, match="made from this target"):
         speculative_generate(TARGET, tiny_params(other_cfg), CFG, toks, lens, gamma=2, **kw)
+    with pytest.raises(ValueError, match=r"fixed_rows=4\) is smaller than the 6 tokens"):
+        speculative_generate(TARGET, DRAFT, CFG, toks, lens, gamma=5, opts=ForwardOptions(fixed_rows=4), **kw)
+    with pytest.raises(ValueError, match="spec_room=9: use dataclasses.replace"):
+        generate(TARGET, CFG, toks, lens, opts=ForwardOptions(fixed_rows=12), **kw)
+    with pytest.raises(ValueError, match="fixed_rows must be an int >= 0"):
+        ForwardOptions(fixed_rows=-1)
+    with pytest.raises(ValueError, match=r"padded slots \(ForwardOptions.fixed_rows\)"):
+        generate(TARGET, CFG, toks, lens, max_new_tokens=145, cache_spec=INT8, opts=ForwardOptions(fixed_rows=9))
     with pytest.raises(ValueError, match="kind 'int8'"):
         speculative_generate(TARGET, DRAFT, CFG, toks, lens, gamma=2, max_new_tokens=10,
                              cache_spec=CacheSpec(64, "fp"))
