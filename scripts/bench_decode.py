@@ -170,7 +170,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             if args.profile:  # kernels per round: one jitted call of `rounds` rounds under the profiler
                 f = jax.jit(lambda *a: rounds_fn(*a).tokens)
                 jax.block_until_ready(f(params, draft, at(cache, c), logits, key))  # compile outside
-                prof = profile_top(lambda: f(params, draft, at(cache, c), logits, key), rounds, top=12)
+                prof = profile_top(lambda: f(params, draft, at(cache, c), logits, key), rounds, top=args.profile_top)
                 prof.pop("_out")
                 o["round_profile"] = prof
     del cache
@@ -338,6 +338,7 @@ def main():
                    help="ForwardOptions.fixed_rows (the GPU-exact mode): target forwards on this many rows")
     p.add_argument("--diagnose-no-cache-write", action="store_true",
                    help="diagnostic only: skip the KV write (wrong results) to price the in-loop cache update")
+    p.add_argument("--profile-top", type=int, default=12, help="kernels listed per round profile")
     p.add_argument("--profile", action="store_true", help="AR: device kernels of one call by name (profiler)")
     p.add_argument("--json", default=None)
     args = p.parse_args()

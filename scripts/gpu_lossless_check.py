@@ -44,14 +44,21 @@ def top2_margin(params, cfg, prompt, generated):
 
 def main():
     dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"  # argv[2]: modes, comma-separated
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_layers=4, num_heads=8,
-                      num_kv_heads=2, head_dim=64, max_position_embeddings=8192)
+    long = len(sys.argv) > 3 and sys.argv[3] == "long"  # argv[3] "long": 8B-like heads, 2.5K-7K-token prompts
+    if long:  # head_dim 128, GQA 4, capacity 8K: the kernels' 8B-shape paths and 7 history splits
+        cfg = LlamaConfig(vocab_size=2048, hidden_size=1024, intermediate_size=2048, num_layers=4, num_heads=8,
+                          num_kv_heads=2, head_dim=128, max_position_embeddings=16384)
+        lengths = np.asarray([7000, 2500, 5123, 6500], np.int32)
+        spec = CacheSpec(capacity=8192, kind="int8", dtype=dtype, group_size=128, spec_room=9)
+    else:
+        cfg = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_layers=4, num_heads=8,
+                          num_kv_heads=2, head_dim=64, max_position_embeddings=8192)
+        lengths = np.asarray([700, 333, 1000, 64], np.int32)
+        spec = CacheSpec(capacity=1024 + 640, kind="int8", dtype=dtype, group_size=128, spec_room=9)
     params = init_random_params(cfg, jax.random.PRNGKey(0), jnp.dtype(dtype), scale=0.06)
     draft = make_draft(params, DraftRecipe(group_size=128))
     rng = np.random.default_rng(0)
-    lengths = np.asarray([700, 333, 1000, 64], np.int32)
-    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 1000)), jnp.int32)
-    spec = CacheSpec(capacity=1024 + 640, kind="int8", dtype=dtype, group_size=128, spec_room=9)
+    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, int(lengths.max()))), jnp.int32)
     rows = []
     t = time.time()
     modes = {"pallas": ForwardOptions(backend="auto"),
@@ -78,7 +85,7 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
     print(f"# {jax.devices()[0].device_kind} {time.time() - t:.1f}s")
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], f"lossless_{dtype}.json"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"lossless_{dtype}{'_long' if long else ''}.json"), "w") as f:
             json.dump(rows, f, indent=1)
 
 
