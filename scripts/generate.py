@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--draft-method", choices=["rtn", "gptq"], default="rtn")
     p.add_argument("--streaming-window", type=int, default=0, help="StreamingLLM window (0: 1/4 of the prompt)")
     p.add_argument("--backend", choices=["auto", "pallas", "reference"], default="auto")
+    p.add_argument("--fixed-rows", type=int, default=0,
+                   help="GPU-exact mode (ForwardOptions.fixed_rows, >= gamma + 1): greedy output of --speculative "
+                        "and of autoregressive decoding with the same value agree bit for bit on the GPU")
     p.add_argument("--json", action="store_true", help='print one JSON line {"tokens", "text", "stats"}')
     p.add_argument("--no-stream", action="store_true", help="print the text only at the end")
     return p.parse_args(argv)
@@ -74,9 +77,13 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = ForwardOptions(backend=args.backend)
+    try:
+        opts = ForwardOptions(backend=args.backend, fixed_rows=args.fixed_rows)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     prompt_len = int(lengths[0])
-    room = args.gamma + 1 if args.speculative else 1
+    room = max(args.gamma + 1 if args.speculative else 1, args.fixed_rows)
     need = prompt_len + args.max_new_tokens + room
     stream = None if (args.json or args.no_stream) else TextStreamer(tok)
     rng = jax.random.PRNGKey(args.seed)
@@ -86,7 +93,7 @@ def main(argv=None) -> int:
             out, stats = run_speculative(args, config, params, tokens, lengths, need, sampling, rng, opts, stream)
         else:
             spec = CacheSpec(capacity=need, kind=args.cache, dtype=args.dtype, group_size=args.kv_group,
-                             spec_room=1)
+                             spec_room=max(1, args.fixed_rows))
             out = generate(params, config, tokens, lengths, max_new_tokens=args.max_new_tokens, cache_spec=spec,
                            sampling=sampling, rng=rng, opts=opts, on_tokens=stream)
             stats = {"method": "autoregressive", "cache": args.cache}
@@ -127,7 +134,8 @@ def run_speculative(args, config, params, tokens, lengths, need, sampling, rng, 
         window = args.streaming_window or max(16, int(lengths[0]) // 4)
         draft, method, kind = params, SpecMethod.streaming(window=window), "fp"
         extra = {"streaming_window": window}
-    spec = CacheSpec(capacity=need, kind=kind, dtype=args.dtype, group_size=args.kv_group, spec_room=args.gamma + 1)
+    spec = CacheSpec(capacity=need, kind=kind, dtype=args.dtype, group_size=args.kv_group,
+                     spec_room=max(args.gamma + 1, args.fixed_rows))
     out = speculative_generate(params, draft, config, tokens, lengths, gamma=args.gamma,
                                max_new_tokens=args.max_new_tokens, cache_spec=spec, method=method,
                                sampling=sampling, rng=rng, opts=opts, on_tokens=stream)

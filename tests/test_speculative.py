@@ -82,19 +82,23 @@ def test_fixed_rows_makes_a_verify_pass_bitwise_equal_to_one_token_steps():
     from qspec_jax.hier_cache import TARGET as TARGET_VIEW
     from qspec_jax.model import forward, lm_logits
 
-    toks, lens = random_prompts(np.random.default_rng(7), [30, 15, 40], CFG.vocab_size, WIDTH)
-    feed = jnp.asarray(np.random.default_rng(8).integers(0, CFG.vocab_size, (3, 6)), jnp.int32)
-    _, cache0 = prefill_cache(TARGET, CFG, toks, lens, cache_spec=INT8)
+    # hidden 256: XLA's CPU dot rounds [1, 256] @ W and row i of [T, 256] @ W differently
+    # (at K = 64, as in CFG, it does not), so this fails if any matmul goes unpadded
+    cfg = tiny_config(vocab_size=512, hidden_size=256, intermediate_size=512, head_dim=32, num_heads=8)
+    params = tiny_params(cfg, seed=3, scale=0.15)
+    toks, lens = random_prompts(np.random.default_rng(7), [30, 15, 40], cfg.vocab_size, WIDTH)
+    feed = jnp.asarray(np.random.default_rng(8).integers(0, cfg.vocab_size, (3, 6)), jnp.int32)
+    _, cache0 = prefill_cache(params, cfg, toks, lens, cache_spec=INT8)
 
     @jax.jit
     def verify(cache, feed):
         pos = cache.lengths[:, None] + jnp.arange(feed.shape[1])
-        return lm_logits(TARGET, forward(TARGET, CFG, feed, pos, cache, view=TARGET_VIEW, opts=FIXED)[0], FIXED)
+        return lm_logits(params, forward(params, cfg, feed, pos, cache, view=TARGET_VIEW, opts=FIXED)[0], FIXED)
 
     @jax.jit
     def step(cache, tok):
-        h, cache = forward(TARGET, CFG, tok, cache.lengths[:, None], cache, view=TARGET_VIEW, opts=FIXED)
-        return lm_logits(TARGET, h, FIXED)[:, 0], cache.commit(cache.lengths + 1)
+        h, cache = forward(params, cfg, tok, cache.lengths[:, None], cache, view=TARGET_VIEW, opts=FIXED)
+        return lm_logits(params, h, FIXED)[:, 0], cache.commit(cache.lengths + 1)
 
     ver = verify(cache0, feed)
     cache, steps = cache0, []
@@ -226,3 +230,18 @@ def test_bad_gamma_and_mismatched_draft_are_named():
     with pytest.raises(ValueError, match="kind 'int8'"):
         speculative_generate(TARGET, DRAFT, CFG, toks, lens, gamma=2, max_new_tokens=10,
                              cache_spec=CacheSpec(64, "fp"))
+
+
+def test_fixed_rows_pads_lm_logits_like_a_verify_pass():
+    """lm_logits over [B, 1, H] and over [B, 6, H] use one [B*R, H] matmul shape with
+    fixed_rows, so the first token's logits agree bit for bit (at H = 512 XLA's CPU dot
+    rounds M = 1 and M = 6 differently; measured)."""
+    from qspec_jax.model import Params, lm_logits
+
+    rng = np.random.default_rng(0)
+    head = jnp.asarray(rng.standard_normal((512, 1024)), jnp.float32)
+    params = Params(embed=jnp.zeros((1024, 512)), layers=(), final_norm=jnp.ones((512,)), lm_head=head)
+    hidden = jnp.asarray(rng.standard_normal((1, 6, 512)), jnp.float32)
+    fixed = ForwardOptions(fixed_rows=8, backend="reference")
+    one, six = (jax.jit(lambda h: lm_logits(params, h, fixed))(h) for h in (hidden[:, :1], hidden))
+    np.testing.assert_array_equal(np.asarray(one[:, 0]), np.asarray(six[:, 0]))
