@@ -26,7 +26,8 @@ Decode
                          cache_spec=, method=SpecMethod.quantspec())       -> SpecOutput
     SpecMethod.quantspec() / SpecMethod.streaming(window, sink)
     SpecStats.summary(gamma)             acceptance_rate, tokens_per_round, histogram
-    SamplingParams, GREEDY, ForwardOptions(backend "auto" | "pallas" | "reference")
+    SamplingParams, GREEDY, ForwardOptions(backend "auto" | "pallas" | "reference",
+                   fixed_rows=R: GPU-exact speculation, same R for both decoders)
     prefill_cache, speculative_from_prefill   prefill once, decode many times
     init_fp_cache, init_hier_cache       the caches themselves (CacheSpec.init builds them;
                                          CacheSpec.nbytes(config, batch) sizes them)
