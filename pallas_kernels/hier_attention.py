@@ -465,13 +465,13 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
       draft  (use_lower=False): block_k 128, num_stages 3, magic unpack, no prefetch
       target (use_lower=True):  block_k 64,  num_stages 2, cvt unpack (3x faster than magic
                                 for T = 8: the magic path needs twice the dots), no prefetch
-    fixed_splits: split the history by position (chunks of capacity / num_splits tokens;
-      num_splits None: max(1024, capacity / 128) tokens, so a row shorter than the capacity
-      keeps the SMs busy; one buffer program with tiles at multiples of
-      min(block_kb, G)) instead of by the rows' lengths. A query's reduction order then depends on its position alone, and a
-      tile that is masked for it adds exact zeros: with the same T (pad the queries) a
-      query gets bitwise the same output whatever the other queries are (the exact mode
-      of `ForwardOptions.fixed_rows`).
+    fixed_splits: split the history by position instead of by the rows' lengths: chunks of
+      capacity / num_splits tokens (num_splits None: max(1024, capacity / 128) tokens, so a
+      row much shorter than the capacity still keeps the SMs busy) and one buffer program
+      with tiles at multiples of min(block_kb, G). A query's reduction order then depends
+      on its position alone, and a tile masked for it adds exact zeros: with the same T
+      (pad the queries) a query gets bitwise the same output whatever the other queries
+      are (the exact mode of `ForwardOptions.fixed_rows`).
     """
     block_k, num_stages, unpack = resolve_defaults(use_lower, block_k, num_stages, unpack)
     check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, positions,

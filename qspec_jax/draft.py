@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import jax.numpy as jnp
-
 from qspec_jax.model import Params
 from qspec_jax.quant_weights import QuantizedWeight, check_group_size, quantize_rtn
 

@@ -9,7 +9,6 @@ summation orders), and greedy argmax identical.
 from pathlib import Path
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import pytest
 

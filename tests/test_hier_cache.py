@@ -10,7 +10,6 @@ from pallas_kernels.hier_attention import hier_attention_reference, quantized_pr
 from qspec_jax import kv_quant
 from qspec_jax.attention import masked_attention
 from qspec_jax.cache_spec import CacheSpec
-from qspec_jax.generate import generate
 from qspec_jax.hier_cache import buffer_start, init_hier_cache
 
 

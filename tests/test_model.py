@@ -11,7 +11,7 @@ from qspec_jax.cache_spec import CacheSpec
 from qspec_jax.config import ConfigError, LlamaConfig
 from qspec_jax.generate import STOP_EOS, STOP_LENGTH, generate
 from qspec_jax.kv_cache import init_cache
-from qspec_jax.model import forward, lm_logits, params_from_flat, params_to_flat, DEFAULT_OPTIONS, expected_shapes
+from qspec_jax.model import forward, lm_logits, params_from_flat, params_to_flat, expected_shapes
 
 CONFIGS = {
     "gqa": tiny_config(),
