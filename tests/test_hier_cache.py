@@ -126,14 +126,17 @@ def teacher_forced_logits(params, cfg, cache, toks, n_prompt):
     b, t = toks.shape
     cache = cache.with_prompt_lengths(jnp.full((b,), n_prompt, jnp.int32))
     pos = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
-    _, cache = forward(params, cfg, toks[:, :n_prompt], pos, cache, prefill=True)
-    step = jax.jit(lambda c, tok, p: forward(params, cfg, tok, p, c))
+    _, cache = jax.jit(lambda c, tk: forward(params, cfg, tk, pos, c, prefill=True))(cache, toks[:, :n_prompt])
+
+    @jax.jit  # one compiled step (forward, logits, commit with its flush): eager ops made this test slow
+    def step(c, tok, i):
+        h, c = forward(params, cfg, tok, jnp.full((b, 1), i, jnp.int32), c)
+        return lm_logits(params, h[:, 0]), c.commit(jnp.full((b,), i + 1, jnp.int32))
+
     out = []
     for i in range(n_prompt, t):
-        p = jnp.full((b, 1), i, jnp.int32)
-        h, cache = step(cache, toks[:, i:i + 1], p)
-        cache = cache.commit(jnp.full((b,), i + 1, jnp.int32))
-        out.append(lm_logits(params, h[:, 0]))
+        logits, cache = step(cache, toks[:, i:i + 1], jnp.int32(i))
+        out.append(logits)
     return jnp.stack(out, 1)
 
 
