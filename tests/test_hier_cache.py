@@ -92,18 +92,21 @@ def test_cache_invariants_through_prefill_and_commits():
     from qspec_jax.kv_cache import init_cache
 
     # reference K/V of every position from an fp cache
+    fwd = jax.jit(lambda tk, p, cc, prefill: forward(params, cfg, tk, p, cc, prefill=prefill)[1],
+                  static_argnames="prefill")
+    commit = jax.jit(lambda cc, lens: cc.commit(lens))
     fp = init_cache(cfg, 2, 40, jnp.float32).with_prompt_lengths(jnp.asarray([40, 40]))
-    _, fp = forward(params, cfg, toks, jnp.broadcast_to(jnp.arange(40), (2, 40)), fp, prefill=True)
+    fp = fwd(toks, jnp.broadcast_to(jnp.arange(40), (2, 40)), fp, prefill=True)
     c = cache.with_prompt_lengths(lengths)
-    _, c = forward(params, cfg, toks[:, :21], jnp.broadcast_to(jnp.arange(21), (2, 21)), c, prefill=True)
+    c = fwd(toks[:, :21], jnp.broadcast_to(jnp.arange(21), (2, 21)), c, prefill=True)
     # grow row 0 by 3 tokens per commit, row 1 by 4 (crossing several group boundaries)
     L = np.asarray(lengths)
     for _ in range(4):
         step = np.asarray([3, 4])
         pos = L[:, None] + np.arange(4)[None]
-        _, c = forward(params, cfg, jnp.take_along_axis(toks, jnp.asarray(pos), 1), jnp.asarray(pos, jnp.int32), c)
+        c = fwd(jnp.take_along_axis(toks, jnp.asarray(pos), 1), jnp.asarray(pos, jnp.int32), c, prefill=False)
         L = L + step
-        c = c.commit(jnp.asarray(L, jnp.int32))
+        c = commit(c, jnp.asarray(L, jnp.int32))
         lc = c.layers[0]
         bs = np.asarray(buffer_start(c.lengths, g))
         for r in range(2):
