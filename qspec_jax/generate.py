@@ -43,8 +43,12 @@ class DecodeState:
     rng: jax.Array
 
 
+SPEC_SLOTS = "speculative slots (gamma + 1)"
+PADDED_SLOTS = "padded slots (ForwardOptions.fixed_rows)"
+
+
 def check_fits(prompt_lengths, max_new_tokens: int, capacity: int, config: LlamaConfig, extra: int = 0, *,
-               padded_width: int | None = None, extra_what: str = "speculative slots (gamma + 1)"):
+               padded_width: int | None = None, extra_what: str = SPEC_SLOTS):
     """Raise before compiling if a prompt plus its new tokens cannot fit.
 
     prompt_lengths: int [B] true prompt lengths (numpy or a concrete jax array). Inside a
@@ -87,25 +91,24 @@ def check_fits(prompt_lengths, max_new_tokens: int, capacity: int, config: Llama
             f"{config.max_position_embeddings}: lower max_new_tokens or shorten the prompt")
 
 
-PADDED_SLOTS = "padded slots (ForwardOptions.fixed_rows)"
-
-
-def check_fixed_rows(opts: ForwardOptions, cache_spec: CacheSpec, tokens_per_forward: int = 1) -> int:
-    """Validate ForwardOptions.fixed_rows against the cache; -> the slots one forward writes.
+def check_fixed_rows(opts: ForwardOptions, cache_spec: CacheSpec, spec_slots: int = 0) -> tuple[int, str]:
+    """Validate ForwardOptions.fixed_rows against the cache; -> (slots one forward writes past
+    the last token, what they are) for `check_fits`: spec_slots (gamma + 1 speculative tokens,
+    0 for autoregressive decoding), or fixed_rows when set.
 
     A padded forward writes fixed_rows K/V slots past the committed length, so an "int8"
-    cache needs spec_room >= fixed_rows; and the real tokens must fit the padding.
+    cache needs spec_room >= fixed_rows; and the speculative tokens must fit the padding.
     """
     rows = opts.fixed_rows
     if not rows:
-        return tokens_per_forward
-    if tokens_per_forward > rows:
-        raise ValueError(f"ForwardOptions(fixed_rows={rows}) is smaller than the {tokens_per_forward} tokens one "
-                         f"forward takes (gamma + 1): use fixed_rows >= {tokens_per_forward}")
+        return spec_slots, SPEC_SLOTS
+    if rows < spec_slots:
+        raise ValueError(f"ForwardOptions(fixed_rows={rows}) is smaller than the {spec_slots} tokens one "
+                         f"forward takes (gamma + 1): use fixed_rows >= {spec_slots}")
     if cache_spec.kind == "int8" and cache_spec.spec_room < rows:
         raise ValueError(f"ForwardOptions(fixed_rows={rows}) writes {rows} buffer slots per forward, the cache has "
                          f"spec_room={cache_spec.spec_room}: use dataclasses.replace(cache_spec, spec_room={rows})")
-    return rows
+    return rows, PADDED_SLOTS if rows > spec_slots else SPEC_SLOTS
 
 
 def prefill(params: Params, config: LlamaConfig, tokens, lengths, cache, opts: ForwardOptions):
@@ -220,9 +223,9 @@ def generate(params: Params, config: LlamaConfig, tokens, lengths, *, max_new_to
     if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
         raise ValueError(f"tokens must be int32 [B, T] and lengths int32 [B], got shapes {tokens.shape} and "
                          f"{lengths.shape} (a single prompt: tokens[None], lengths[None])")
-    extra = check_fixed_rows(opts, cache_spec) if opts.fixed_rows else 0
+    extra, what = check_fixed_rows(opts, cache_spec)
     check_fits(lengths, max_new_tokens, cache_spec.capacity, config, extra=extra, padded_width=tokens.shape[1],
-               extra_what=PADDED_SLOTS)
+               extra_what=what)
     if not is_traced(lengths) and np.asarray(lengths).max() > tokens.shape[1]:
         raise ValueError(f"a prompt length ({int(np.asarray(lengths).max())}) exceeds the padded prompt width "
                          f"{tokens.shape[1]}")

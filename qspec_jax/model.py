@@ -290,8 +290,8 @@ def lm_logits(params: Params, hidden, opts: ForwardOptions = DEFAULT_OPTIONS):
     padded (prefill and draft logits, which no exactness argument needs).
     """
     head = params.lm_head if params.lm_head is not None else params.embed.T
-    t = hidden.shape[1] if hidden.ndim == 3 else 0
-    if opts.fixed_rows and hidden.ndim == 3 and t < opts.fixed_rows:
+    if opts.fixed_rows and hidden.ndim == 3 and hidden.shape[1] < opts.fixed_rows:
+        t = hidden.shape[1]
         padded = jnp.pad(hidden, ((0, 0), (0, opts.fixed_rows - t), (0, 0)))
         return linear(padded, head, opts, out_dtype=jnp.float32)[:, :t]
     return linear(hidden, head, opts, out_dtype=jnp.float32)

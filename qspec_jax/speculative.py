@@ -30,7 +30,7 @@ from qspec_jax.cache_spec import CacheSpec
 from qspec_jax.config import LlamaConfig
 from qspec_jax.draft import ATTN_WEIGHTS, MLP_WEIGHTS
 from qspec_jax.errors import DraftMismatchError, is_traced, static_instance, static_int, static_int_tuple
-from qspec_jax.generate import (PADDED_SLOTS, RUNNING, STOP_EOS, STOP_LENGTH, check_fits, check_fixed_rows, emit,
+from qspec_jax.generate import (RUNNING, STOP_EOS, STOP_LENGTH, check_fits, check_fixed_rows, emit,
                                 is_eos, prefill)
 from qspec_jax.hier_cache import DRAFT, TARGET
 from qspec_jax.kv_cache import StreamingView
@@ -312,9 +312,9 @@ def speculative_generate(target_params: Params, draft_params: Params, config: Ll
     if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
         raise ValueError(f"tokens must be int32 [B, T] and lengths int32 [B], got shapes {tokens.shape} and "
                          f"{lengths.shape} (a single prompt: tokens[None], lengths[None])")
-    extra = check_fixed_rows(opts, cache_spec, gamma + 1)
+    extra, what = check_fixed_rows(opts, cache_spec, gamma + 1)
     check_fits(lengths, max_new_tokens, cache_spec.capacity, config, extra=extra, padded_width=tokens.shape[1],
-               **({"extra_what": PADDED_SLOTS} if extra > gamma + 1 else {}))
+               extra_what=what)
     if isinstance(method.draft_view, StreamingView):
         v = method.draft_view
         if cache_spec.capacity < v.sink + v.window + gamma:
