@@ -93,7 +93,7 @@ def main(argv=None) -> int:
             out, stats = run_speculative(args, config, params, tokens, lengths, need, sampling, rng, opts, stream)
         else:
             spec = CacheSpec(capacity=need, kind=args.cache, dtype=args.dtype, group_size=args.kv_group,
-                             spec_room=max(1, args.fixed_rows))
+                             spec_room=room)
             out = generate(params, config, tokens, lengths, max_new_tokens=args.max_new_tokens, cache_spec=spec,
                            sampling=sampling, rng=rng, opts=opts, on_tokens=stream)
             stats = {"method": "autoregressive", "cache": args.cache}
