@@ -1,0 +1,90 @@
+"""Packed 4-bit codes -> floating point, inside Pallas-Triton kernels.
+
+A byte holds two codes: c_lo = byte & 0xF, c_hi = byte >> 4. The kernels never convert
+an integer to a float; they OR the code into the mantissa of a power of two ("magic"
+number) and get `offset + c` exactly, then remove the offset through sums they already
+compute (sum(x) for a matmul, the row sums in attention):
+  16-bit:  bf16 bits 0x4300 | c = 128 + c,   f16 bits 0x6400 | c = 1024 + c
+  f32:     f32 bits 0x43000000 | c << 16 = 128 + c
+
+`asm=True` does this with inline PTX on four bytes (one 32-bit register) at a time:
+a PRMT spreads two bytes into the two halves of a register and one LOP3 ((a & b) | c)
+masks the code and sets the exponent, so a pair of 16-bit values costs ~1 instruction
+per code instead of the ~3 (widen, and/shift, or) of the jnp formulation, which is what
+`asm=False` and interpret mode run (same bits).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+try:  # only needed on GPU
+    from jax.experimental.pallas import triton as _plgpu
+except Exception:  # pragma: no cover
+    _plgpu = None
+
+MAGIC16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+MAGIC_F32 = (0x43000000, 128.0)
+_LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
+
+
+def _asm(src: str, p, n_out_regs: int, out_dtype):
+    """One elementwise_inline_asm over 4 bytes at a time with one result (Pallas-Triton's
+    lowering takes a single result only): $0..$(n-1) are the outputs, $n the input word."""
+    out = jax.ShapeDtypeStruct(p.shape, out_dtype)
+    (res,) = _plgpu.elementwise_inline_asm(src, args=[p], constraints=",".join(["=r"] * n_out_regs + ["r"]),
+                                           pack=4, result_shape_dtypes=[out])
+    return res
+
+
+def nibbles16(p, dtype, *, asm: bool):
+    """uint8 p -> (lo, hi) in dtype (bf16 or f16), each `offset + code` (MAGIC16[dtype])."""
+    bits, _ = MAGIC16[jnp.dtype(dtype)]
+    if not asm:
+        p16 = p.astype(jnp.uint16)
+        return (lax.bitcast_convert_type((p16 & 0xF) | bits, dtype),
+                lax.bitcast_convert_type((p16 >> 4) | bits, dtype))
+    m2 = f"0x{bits:04X}{bits:04X}"
+
+    def codes(shift):
+        # $2 = four bytes b0..b3; t0 = [b0, 0, b1, 0], t1 = [b2, 0, b3, 0] (PRMT selector 4 = a zero
+        # byte); $0 / $1 = the codes of (b0, b1) / (b2, b3) as two 16-bit floats each.
+        sh = f"shr.b32 t0, t0, {shift};\nshr.b32 t1, t1, {shift};" if shift else ""
+        return f"""{{
+        .reg .b32 z, t0, t1;
+        mov.b32 z, 0;
+        prmt.b32 t0, $2, z, 0x4140;
+        prmt.b32 t1, $2, z, 0x4342;
+        {sh}
+        lop3.b32 $0, t0, 0x000F000F, {m2}, {_LOP_AND_OR};
+        lop3.b32 $1, t1, 0x000F000F, {m2}, {_LOP_AND_OR};
+        }}"""
+
+    lo, hi = (_asm(codes(sh), p, 2, jnp.int16) for sh in (0, 4))
+    return lax.bitcast_convert_type(lo, dtype), lax.bitcast_convert_type(hi, dtype)
+
+
+def nibbles_f32(p, *, asm: bool):
+    """uint8 p -> (lo, hi) float32, each 128 + code."""
+    bits, _ = MAGIC_F32
+    if not asm:
+        p32 = p.astype(jnp.uint32)
+        return (lax.bitcast_convert_type(((p32 & 0xF) << 16) | bits, jnp.float32),
+                lax.bitcast_convert_type(((p32 & 0xF0) << 12) | bits, jnp.float32))
+    m = f"0x{bits:08X}"
+
+    def codes(shifts):
+        # Byte k of $4 sits at bits 8k..8k+7; its low code must land at bits 16..19 (shift
+        # 16 - 8k), its high code too (shift 12 - 8k). $0..$3 = the codes of b0..b3.
+        lines = [".reg .b32 t;"]
+        for k, sh in enumerate(shifts):
+            lines += [sh, f"lop3.b32 ${k}, t, 0x000F0000, {m}, {_LOP_AND_OR};"]
+        return "{\n" + "\n".join(lines) + "\n}"
+
+    lo = _asm(codes(("shl.b32 t, $4, 16;", "shl.b32 t, $4, 8;", "mov.b32 t, $4;", "shr.b32 t, $4, 8;")),
+              p, 4, jnp.int32)
+    hi = _asm(codes(("shl.b32 t, $4, 12;", "shl.b32 t, $4, 4;", "shr.b32 t, $4, 4;", "shr.b32 t, $4, 12;")),
+              p, 4, jnp.int32)
+    return lax.bitcast_convert_type(lo, jnp.float32), lax.bitcast_convert_type(hi, jnp.float32)

@@ -1,0 +1,175 @@
+"""The nibble -> float bit tricks of `pallas_kernels.nibbles`, including their inline PTX.
+
+The PTX cannot run here, so a small interpreter of the five instructions it uses
+(mov, prmt, lop3, shl, shr on .b32) runs the exact strings the kernels would embed, on
+every byte value in every lane, and must give the same bits as the jnp formulation that
+interpret mode uses. This is what keeps a wrong PRMT selector or LOP3 table out of the
+GPU kernels (the GPU check in scripts/bench_kernels.py runs them for real).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import nibbles
+
+ALL_BYTES = np.arange(256, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_nibbles16_jnp_gives_offset_plus_code(dtype):
+    lo, hi = nibbles.nibbles16(jnp.asarray(ALL_BYTES), dtype, asm=False)
+    off = nibbles.MAGIC16[jnp.dtype(dtype)][1]
+    np.testing.assert_array_equal(np.asarray(lo, np.float32), off + (ALL_BYTES & 0xF))
+    np.testing.assert_array_equal(np.asarray(hi, np.float32), off + (ALL_BYTES >> 4))
+
+
+def test_nibbles_f32_jnp_gives_128_plus_code():
+    lo, hi = nibbles.nibbles_f32(jnp.asarray(ALL_BYTES), asm=False)
+    np.testing.assert_array_equal(np.asarray(lo), 128.0 + (ALL_BYTES & 0xF))
+    np.testing.assert_array_equal(np.asarray(hi), 128.0 + (ALL_BYTES >> 4))
+
+
+# ---------------------------------------------------------------------------------------
+# A PTX interpreter for the instructions the unpacking uses (vectorized over uint32 words)
+# ---------------------------------------------------------------------------------------
+
+def _prmt(a, b, sel):
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = np.zeros_like(a)
+    for i in range(4):
+        s = (sel >> (4 * i)) & 0xF
+        byte = src[s & 7]
+        if s & 8:  # sign-replicate mode of the selector
+            byte = np.where(byte & 0x80, 0xFF, 0).astype(a.dtype)
+        out |= byte << (8 * i)
+    return out
+
+
+def _lop3(a, b, c, lut):
+    out = np.zeros_like(a)
+    for bit in range(32):
+        idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+        out |= ((lut >> idx) & 1).astype(a.dtype) << bit
+    return out
+
+
+def run_ptx(src: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run `src` on uint32 registers; inputs / outputs are named like the asm ($0, $4, ...)."""
+    regs = {k: v.astype(np.uint64) for k, v in inputs.items()}
+    mask = np.uint64(0xFFFFFFFF)
+
+    def val(tok):
+        tok = tok.strip()
+        if re.fullmatch(r"0x[0-9A-Fa-f]+|\d+", tok):
+            return np.uint64(int(tok, 0))
+        return regs[tok]
+
+    for line in src.replace("{", "\n").replace("}", "\n").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [t.strip() for t in rest.split(",")]
+        d = args[0]
+        if op == "mov.b32":
+            regs[d] = val(args[1]) + np.zeros_like(next(iter(inputs.values())), np.uint64)
+        elif op == "prmt.b32":
+            regs[d] = _prmt(val(args[1]), val(args[2]) + np.zeros_like(val(args[1])), int(val(args[3])))
+        elif op == "lop3.b32":
+            a = val(args[1])
+            regs[d] = _lop3(a, val(args[2]) + np.zeros_like(a), val(args[3]) + np.zeros_like(a), int(val(args[4])))
+        elif op == "shl.b32":
+            regs[d] = (val(args[1]) << val(args[2])) & mask
+        elif op == "shr.b32":
+            regs[d] = val(args[1]) >> val(args[2])
+        else:
+            raise AssertionError(f"unexpected PTX op {op!r} in {line!r}")
+    return regs
+
+
+class _CapturePTX:
+    """Stands in for Pallas-Triton: runs each asm with the interpreter, 4 bytes per word,
+    using Triton's packing (pack=4: element i of a group in byte i of the input word;
+    16-bit results two per output register, low half first; 32-bit one per register)."""
+
+    def __init__(self):
+        self.sources = []
+
+    def elementwise_inline_asm(self, src, *, args, constraints, pack, result_shape_dtypes):
+        assert pack == 4 and len(args) == 1 and len(result_shape_dtypes) == 1
+        self.sources.append(src)
+        cons = constraints.split(",")
+        n_out = sum(c.startswith("=") for c in cons)
+        assert cons[n_out:] == ["r"]
+        p = np.asarray(args[0], np.uint8).reshape(-1, 4)
+        word = (p[:, 0].astype(np.uint32) | (p[:, 1].astype(np.uint32) << 8) | (p[:, 2].astype(np.uint32) << 16)
+                | (p[:, 3].astype(np.uint32) << 24))
+        regs = run_ptx(src, {f"${n_out}": word})
+        outs = [regs[f"${j}"].astype(np.uint32) for j in range(n_out)]
+        out_dt = np.dtype(result_shape_dtypes[0].dtype)
+        if out_dt.itemsize == 2:
+            assert n_out == 2
+            vals = np.stack([outs[0] & 0xFFFF, outs[0] >> 16, outs[1] & 0xFFFF, outs[1] >> 16], axis=1)
+        else:
+            assert n_out == 4
+            vals = np.stack(outs, axis=1)
+        return [jnp.asarray(vals.astype(out_dt).reshape(np.shape(args[0])))]
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    cap = _CapturePTX()
+    monkeypatch.setattr(nibbles, "_plgpu", cap)
+    return cap
+
+
+def _bytes_in_every_lane():
+    """Every byte value at each of the 4 positions of a word: [4 * 256] bytes, shape [64, 16]."""
+    words = np.stack([np.roll(ALL_BYTES, s) for s in range(4)], axis=1)  # row v: v, v-1, v-2, v-3
+    return jnp.asarray(words.reshape(64, 16))
+
+
+def _bits(a):
+    a = jnp.asarray(a)
+    return np.asarray(lax.bitcast_convert_type(a, jnp.uint16 if a.dtype.itemsize == 2 else jnp.uint32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_nibbles16_ptx_matches_jnp(fake_triton, dtype):
+    p = _bytes_in_every_lane()
+    got = nibbles.nibbles16(p, dtype, asm=True)
+    want = nibbles.nibbles16(p, dtype, asm=False)
+    assert len(fake_triton.sources) == 2
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def test_nibbles_f32_ptx_matches_jnp(fake_triton):
+    p = _bytes_in_every_lane()
+    got = nibbles.nibbles_f32(p, asm=True)
+    want = nibbles.nibbles_f32(p, asm=False)
+    assert len(fake_triton.sources) == 2
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def test_interpreter_catches_a_wrong_selector(fake_triton, monkeypatch):
+    """The check above can fail: a PRMT selector that swaps two bytes gives other bits."""
+    p = _bytes_in_every_lane()
+    real = nibbles._asm
+
+    def swapped(src, *a, **k):
+        return real(src.replace("0x4140", "0x4041"), *a, **k)
+
+    monkeypatch.setattr(nibbles, "_asm", swapped)
+    got, _ = nibbles.nibbles16(p, jnp.bfloat16, asm=True)
+    want, _ = nibbles.nibbles16(p, jnp.bfloat16, asm=False)
+    assert not np.array_equal(_bits(got), _bits(want))
