@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax as _lax
 from jax.experimental import pallas as _pl
 
+from pallas_kernels.nibbles import nibbles16
 from qspec_jax import kv_quant
 
 try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
@@ -90,12 +91,11 @@ def hier_attention_reference(q, k_upper, k_lower, k_scale, k_min, v_upper, v_low
 # Each program writes an unnormalized partial output, its running max (log2 domain) and
 # its sum; XLA merges them.
 #
-# Status (H100 80GB HBM3, jax 0.11.2, 2026-11-25): correct on the GPU for all tested
-# shapes. Speed (wall clock per call, Llama-3.1-8B layer, 128K context): draft (T=1,
-# upper plane, prefetch on) 179 us = 0.80 TB/s vs a dense-bf16 XLA einsum-softmax-einsum
-# 404 us in the same harness (the notes' best XLA layout: 217 us); verify (T=8, both
-# planes) with prefetch on 1987 us (0.14 TB/s, likely register spills), hence prefetch
-# is off by default for use_lower=True (not yet timed).
+# Status: correct on the GPU for all tested shapes (scripts/bench_kernels.py checks). Speed
+# (main kernel device time, Llama-3.1-8B layer, draft T=1 upper plane): 32.0 us at 32K, 106.9
+# us at 128K (1.27 TB/s) on an H200 with the PTX unpack ("asm", session 5), against 36.2 /
+# 122.9 us with the jnp bit tricks in the same run; verify (T=8, both planes, cvt) ~275 us
+# at 128K on the H100 (session 2). docs/benchmarks.md has the tables.
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -203,7 +203,7 @@ def auto_num_splits(b: int, kvh: int, sq: int, block_k: int, rows: int) -> int:
 
 def _attn_kernel(*refs, cfg):
     (d, half, g, gv, w, nch, bk, tk, nsub, bkb, sq, n_splits, b_splits, mp, mrows, cdt, use_lower, magic,
-     mask_tail, prefetch, fixed_chunk) = cfg
+     mask_tail, prefetch, fixed_chunk, asm) = cfg
     it = iter(refs)
     q_ref, qlen_ref, pos_ref, qmax_ref, bst_ref, brange_ref = (next(it) for _ in range(6))
     ku_ref = next(it)
@@ -229,10 +229,7 @@ def _attn_kernel(*refs, cfg):
 
     def unpack(p):  # uint8 [.., ..] -> (lo, hi) in cdt
         if magic is not None:
-            p16 = p.astype(jnp.uint16)
-            lo = _lax.bitcast_convert_type((p16 & 0xF) | magic[0], cdt)
-            hi = _lax.bitcast_convert_type((p16 >> 4) | magic[0], cdt)
-            return lo, hi
+            return nibbles16(p, cdt, asm=asm)
         return (p & 0xF).astype(cdt), (p >> 4).astype(cdt)
 
     def combined(pu, pl_):  # cvt path with lower plane: 16U + L in 0..255
@@ -458,11 +455,12 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     block_k: quantized tokens per loop step (power of 2; divides G or is a multiple of
     it). block_kb: buffer tokens per step. num_splits: programs per (row, KV head) over
     the quantized history (None: `auto_num_splits`). buffer_splits: programs over the
-    buffer. unpack: "magic" / "cvt" / "auto" (magic for bf16/f16 queries). prefetch:
+    buffer. unpack: "magic" / "asm" (magic through inline PTX, `pallas_kernels.nibbles`) / "cvt" /
+    "auto" ("asm" for bf16/f16 queries, "cvt" for float32). prefetch:
     load tile i+1 before computing tile i (software pipelining by hand, two tiles live
     in registers). None means the per-role default measured best on the H100
     (scripts/bench_kernels.py sweep, 2026-11-25, docs/benchmarks.md):
-      draft  (use_lower=False): block_k 128, num_stages 3, magic unpack, no prefetch
+      draft  (use_lower=False): block_k 128, num_stages 3, asm unpack (H200, session 5), no prefetch
       target (use_lower=True):  block_k 64,  num_stages 2, cvt unpack (3x faster than magic
                                 for T = 8: the magic path needs twice the dots), no prefetch
     fixed_splits: split the history by position instead of by the rows' lengths: chunks of
@@ -490,11 +488,12 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     mrows = t * r
     mp = max(16, _next_pow2(mrows))
     cdt = jnp.dtype(q.dtype) if jnp.dtype(q.dtype) in _MAGIC else jnp.dtype(jnp.float32)
-    if unpack == "auto":
-        unpack = "magic" if cdt in _MAGIC else "cvt"
-    if unpack not in ("magic", "cvt") or (unpack == "magic" and cdt not in _MAGIC):
+    if unpack == "auto":  # magic bits through inline PTX (H200, session 5: 112 vs 128 us at 128K)
+        unpack = "asm" if cdt in _MAGIC else "cvt"
+    if unpack not in ("magic", "asm", "cvt") or (unpack != "cvt" and cdt not in _MAGIC):
         raise HierAttentionShapeError(f"unpack={unpack!r} not possible for q dtype {q.dtype}")
-    magic = _MAGIC[cdt] if unpack == "magic" else None
+    magic = _MAGIC[cdt] if unpack != "cvt" else None
+    asm = unpack == "asm" and not interpret  # interpret mode: the same bits through jnp
     if prefetch is None:
         prefetch = False
     tk = min(block_k, g)
@@ -529,7 +528,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                         jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
-           use_lower, magic, block_k > g, prefetch, fixed_chunk)
+           use_lower, magic, block_k > g, prefetch, fixed_chunk, asm)
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [
         k_scale, k_min, v_upper] + ([v_lower] if use_lower else []) + [v_scale, v_min, buf_k, buf_v]
     total = n_splits + buffer_splits

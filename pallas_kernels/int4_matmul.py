@@ -34,14 +34,18 @@ reduce kernel's work grows with M, a dot's does not. `resolve_path` picks per M.
 before step i is computed. It lost in the H100 sweep (docs/results/kernels_sweep4_kmajor_h100.json)
 and is off by default.
 
-Status (NVIDIA H100 80GB HBM3, jax 0.11.2, 2026-11-26; `scripts/bench_kernels.py --skip-check
---skip-attn --mm-m 1,4 --profile`, docs/results/kernels_mm_h100_2026-11-26.json; device time
-per call, bf16, G=128). M = 1 ("reduce"): 4096x6144 10.5 us (1.28 TB/s of INT4 bytes, 1.96x
-the bf16 XLA dot), 4096x28672 36.8 us (1.69 TB/s, 2.10x), 14336x4096 23.3 us (1.34 TB/s,
-1.74x), 4096x128256 145.5 us (1.92 TB/s, 2.32x); the N-major kernel this replaced ran
-4096x14336 in 27.7 us, this one in 20.8. M = 4 ("dot"): 0.6-1.26 TB/s, 0.85-1.53x bf16 (the
-replaced N-major dot kernel: 1.30-1.34x on the unfused MLP shapes). The 2.2 TB/s target
-is not reached: small shapes are latency bound (4096x4096: 9.4 us for 8.9 MB).
+Unpacking (`asm=True`, the default): four packed bytes at a time through inline PTX
+(`pallas_kernels.nibbles`): each code becomes 128 + code in f32 by one shift and one LOP3,
+the offset leaves through sum(x). Nsight Compute had this kernel issue-bound (issue slots
+67-69% busy, top stall "not selected"): the PTX cut its instructions by 28%.
+
+Status (NVIDIA H200, jax 0.11.2, 2026-11-26, session 5; docs/benchmarks.md, device time per
+call, bf16, G=128), M = 1: 4096x28672 27.9 us (2.23 TB/s of INT4 bytes), 4096x128256 109.7
+us (2.54 TB/s), 14336x4096 17.6 us (1.77 TB/s), 4096x6144 8.3 us (1.60 TB/s); the same
+kernel with the jnp bit tricks ran 36.5 / 145.5 / 22.9 / 10.2 us, as on the H100 in session
+3 (the kernel is not memory bound, so the two cards time it alike). M = 4 ("dot"): 0.87-1.05
+TB/s, about the bf16 dot. The 2.2 TB/s target is met on the wide shapes only; the narrow ones
+lack programs (split-K adds a partial-sum kernel).
 
 `int4_linear` is the dispatcher a model calls with a `QuantizedWeight`.
 """
@@ -61,6 +65,8 @@ try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
     from jax.experimental.pallas import triton as plgpu
 except Exception:  # pragma: no cover
     plgpu = None
+
+from pallas_kernels.nibbles import MAGIC_F32, nibbles16, nibbles_f32
 
 
 def int4_matmul_reference(x, packed, scale, minimum, *, group_size: int):
@@ -89,6 +95,7 @@ TARGET_PROGRAMS = 264  # split-K aims at ~2 programs per SM (132 SMs on H100 / H
 MAX_TILE_BYTES = 1 << 16  # block_n * groups_per_step * G/2: bigger tiles only spill registers
 DEFAULT_BLOCK_N = 16
 DEFAULT_GROUPS_PER_STEP = 8
+M1_GROUPS_PER_STEP = 16  # M = 1 with the inline-PTX unpack (H200 sweep, session 5: 27.9 vs 28.7 us on gate/up)
 DOT_BLOCK_N = 64  # the M > 2 tensor-core path ("dot")
 DOT_GROUPS_PER_STEP = 1
 _MAGIC_16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}  # bits|c = off+c
@@ -177,7 +184,7 @@ def _program_block(*, n, ng, block_n, gps, n_ragged):
 
 
 def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n, gpb, gps, steps, n_ragged,
-                 g_ragged, split_out, prefetch):
+                 g_ragged, split_out, prefetch, asm):
     """One program: columns [j*block_n, +block_n) (masked past N), groups [s*gps, g_end)."""
     f32 = jnp.float32
     sk, g_begin, g_end, cmask, cols = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
@@ -209,14 +216,19 @@ def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n,
 
     def compute(data, accs):
         tile, s, mn, xs = data
-        t32 = tile.astype(jnp.uint32)
-        lo = lax.bitcast_convert_type((t32 & 0xF) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
-        hi = lax.bitcast_convert_type((t32 >> 4) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
+        if asm is None:
+            t32 = tile.astype(jnp.uint32)
+            lo = lax.bitcast_convert_type((t32 & 0xF) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
+            hi = lax.bitcast_convert_type((t32 >> 4) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
+        else:  # 128 + code (no subtraction per code; the offset leaves through sum(x) below)
+            lo, hi = nibbles_f32(tile, asm=asm)
         out = []
         for r in range(m):
             xl, xh = xs[2 * r], xs[2 * r + 1]
             d = jnp.sum(lo * xl[None] + hi * xh[None], axis=2)  # [bn, gpb]
             xsum = jnp.sum(xl, axis=1) + jnp.sum(xh, axis=1)  # [gpb]
+            if asm is not None:
+                d = d - MAGIC_F32[1] * xsum[None, :]
             out.append(accs[r] + d * s + xsum[None, :] * mn)
         return tuple(out)
 
@@ -244,7 +256,7 @@ def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n,
 
 
 def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, block_n, gpb, gps, steps,
-                     n_ragged, split_out, cdt, magic):
+                     n_ragged, split_out, cdt, magic, asm):
     """Tensor-core variant for M > 2: per group, acc[bn, mp] += (lo . x_lo^T + hi . x_hi^T) * s
     + min * sum(x_g). The K-major tile [bn, G/2] is already the row-major A operand of the
     dot; x (rows padded to mp >= 16 by masked loads) is B. Every group of the step is
@@ -272,9 +284,7 @@ def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, 
     def compute(data, acc):
         tile, s, mn, xl, xh = data
         if magic is not None:  # nibble -> 16-bit float (offset + c) by bit operations, no conversion
-            t16 = tile.astype(jnp.uint16)
-            lo = lax.bitcast_convert_type((t16 & 0xF) | magic[0], cdt)
-            hi = lax.bitcast_convert_type((t16 >> 4) | magic[0], cdt)
+            lo, hi = nibbles16(tile, cdt, asm=asm)
         else:
             lo, hi = (tile & 0xF).astype(cdt), (tile >> 4).astype(cdt)
         dims = (((1,), (1,)), ((), ()))
@@ -311,16 +321,17 @@ def resolve_path(m: int, path: str, block_n, groups_per_step):
         path = "reduce" if m <= 2 else "dot"
     if path not in ("reduce", "dot"):
         raise Int4ShapeError(f"path must be 'auto', 'reduce' or 'dot', got {path!r}")
-    dflt = {"reduce": (DEFAULT_BLOCK_N, DEFAULT_GROUPS_PER_STEP), "dot": (DOT_BLOCK_N, DOT_GROUPS_PER_STEP)}[path]
+    reduce_gpb = M1_GROUPS_PER_STEP if m == 1 else DEFAULT_GROUPS_PER_STEP
+    dflt = {"reduce": (DEFAULT_BLOCK_N, reduce_gpb), "dot": (DOT_BLOCK_N, DOT_GROUPS_PER_STEP)}[path]
     return path, dflt[0] if block_n is None else block_n, dflt[1] if groups_per_step is None else groups_per_step
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "groups_per_step", "split_k", "num_warps",
-                                             "num_stages", "prefetch", "path", "magic", "interpret"))
+                                             "num_stages", "prefetch", "path", "magic", "asm", "interpret"))
 def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
                 groups_per_step: int | None = None, split_k: int | None = None, num_warps: int = 4,
                 num_stages: int = 1, prefetch: bool = False, path: str = "auto", magic: bool = True,
-                interpret: bool = False):
+                asm: bool = True, interpret: bool = False):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]).
 
     x [M, K] bf16/f16/f32 (M <= MAX_M = 8, K <= n_groups*G; a ragged last group is
@@ -332,7 +343,10 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     K (None: auto, see `split_plan`); partials are summed by XLA. prefetch ("reduce"
     only): load step i+1 before computing step i. magic ("dot" with bf16/f16 x): nibbles
     become 16-bit floats by bit operations (bf16 0x4300|c = 128 + c), the offset removed
-    through x's group sums, instead of integer->float conversions. num_warps / num_stages: Triton's.
+    through x's group sums, instead of integer->float conversions. asm: do the bit tricks with
+    inline PTX, 4 bytes per instruction group (`pallas_kernels.nibbles`; "reduce" then takes 128 +
+    code in f32 and removes the offset through sum(x); interpret mode runs the same bits in jnp).
+    num_warps / num_stages: Triton's.
     interpret: Pallas interpret mode (any backend; for tests).
     """
     path, block_n, groups_per_step = resolve_path(x.shape[0] if x.ndim == 2 else 1, path, block_n,
@@ -354,11 +368,13 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
         cdt = jnp.dtype(x.dtype) if jnp.dtype(x.dtype) in SUPPORTED_DTYPES[:2] else jnp.dtype(jnp.float32)
         kernel = functools.partial(_int4_dot_kernel, m=m, mp=max(16, _next_pow2(m)), n=n, ng=ng, half=half,
                                    block_n=block_n, gpb=gpb, gps=gps, steps=steps, n_ragged=n % block_n != 0,
-                                   split_out=split_out, cdt=cdt, magic=_MAGIC_16.get(cdt) if magic else None)
+                                   split_out=split_out, cdt=cdt, magic=_MAGIC_16.get(cdt) if magic else None,
+                                   asm=asm and not interpret)
     else:
         kernel = functools.partial(_int4_kernel, m=m, n=n, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
                                    steps=steps, n_ragged=n % block_n != 0, g_ragged=g_ragged,
-                                   split_out=split_out, prefetch=prefetch)
+                                   split_out=split_out, prefetch=prefetch,
+                                   asm=(not interpret) if asm else None)
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,

@@ -69,6 +69,7 @@ MM_CASES = [
     pytest.param(1, 300, 130, 64, jnp.bfloat16, dict(path="dot"), id="dot-M1-raggedK-raggedN"),
     pytest.param(4, 300, 130, 64, jnp.bfloat16, dict(magic=False), id="dot-M4-cvt-unpack"),
     pytest.param(1, 256, 64, 64, jnp.bfloat16, dict(block_n=4, split_k=1), id="block_n4-no-masks"),
+    pytest.param(2, 1000, 200, 128, jnp.float32, dict(asm=False), id="reduce-M2-subtract-unpack-f32"),
 ]
 
 
@@ -84,7 +85,7 @@ def test_int4_matmul_matches_reference(m, k, n, g, dtype, kw):
 
 
 def test_resolve_path_defaults_per_rows():
-    assert resolve_path(1, "auto", None, None) == ("reduce", 16, 8)
+    assert resolve_path(1, "auto", None, None) == ("reduce", 16, 16)
     assert resolve_path(2, "auto", None, None) == ("reduce", 16, 8)
     assert resolve_path(3, "auto", None, None) == ("dot", 64, 1)
     assert resolve_path(4, "reduce", 32, None) == ("reduce", 32, 8)
