@@ -353,7 +353,7 @@ def check_attention(args, kw_list, first=None):
                                                group_size=g, use_lower=use_lower)
             for kw in kw_list:
                 kw = dict(kw)
-                if kw.get("unpack") == "magic" and dt == jnp.float32:
+                if kw.get("unpack") in ("magic", "asm") and dt == jnp.float32:
                     kw["unpack"] = "auto"
                 if kw.get("block_k") and (kw["block_k"] % g and g % kw["block_k"]):
                     kw["block_k"] = g
@@ -510,7 +510,9 @@ def sweep(args):
                 log(f"sweep mm {over} M={m} K={k} N={n}: " + (
                     f"{rec['int4_s'] * 1e6:.1f} us {rec['int4_tb_s']:.2f} TB/s" if "int4_s" in rec else rec.get("error")))
         else:
-            for (ctx, t, lower) in [(c, 1, False) for c in ctxs] + [(c, 8, True) for c in ctxs]:
+            roles = args.sweep_at_roles.split(",")
+            for (ctx, t, lower) in ([(c, 1, False) for c in ctxs] if "draft" in roles else []) + (
+                    [(c, 8, True) for c in ctxs] if "verify" in roles else []):
                 if over_deadline(args):
                     return
                 kw = at_kwargs(args, over)
@@ -541,6 +543,10 @@ def main():
     ap.add_argument("--sweep-mm", default="1x4096x28672,1x14336x4096,1x4096x6144", help="MxKxN,... (G=128)")
     ap.add_argument("--sweep-ctx", default="32768,131072")
     ap.add_argument("--sweep-jobs", default="", help='JSON [["mm"|"at", {overrides}], ...] instead of the built-in list')
+    ap.add_argument("--sweep-at-roles", default="draft,verify",
+                    help="attention roles the sweep times: draft (T=1, upper plane), verify (T=8, both planes)")
+    ap.add_argument("--check-jobs", default="",
+                    help='JSON [["mm"|"at", {overrides}], ...]: also check these variants on every case')
     ap.add_argument("--copy-mib", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--max-copies", type=int, default=32)
@@ -599,6 +605,14 @@ def main():
                 check_matmul(args, mmv, first=2)
             if not args.skip_attn:
                 check_attention(args, atv, first=2)
+        if args.check_jobs:
+            jobs = json.loads(args.check_jobs)
+            mmv = [mm_kwargs(args, o) for kind, o in jobs if kind == "mm"]
+            atv = [at_kwargs(args, o) for kind, o in jobs if kind == "at"]
+            if mmv and not args.skip_mm:
+                check_matmul(args, mmv)
+            if atv and not args.skip_attn:
+                check_attention(args, atv)
         dump(args)
     if args.smoke:
         bad = [c for c in RESULTS["check"] if not c.get("ok")]

@@ -7,11 +7,13 @@
 (the GPU machine has ncu; this machine has no GPU). Calls: INT4 GEMV M=1 on the qkv,
 gate/up and down shapes, draft attention (T=1, upper plane) and verify attention (T=5,
 INT8) at --context tokens. Each kernel runs `--calls` times (the first call compiles).
+--mm-variants / --at-variants: JSON lists of kernel kwargs, each profiled in turn (default [{}]).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -31,23 +33,31 @@ def main():
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--skip-attn", action="store_true")
+    ap.add_argument("--shapes", default="4096x6144,4096x28672,14336x4096", help="KxN,... for the GEMV")
+    ap.add_argument("--mm-variants", default="[{}]")
+    ap.add_argument("--at-variants", default="[{}]")
+    ap.add_argument("--roles", default="draft,verify")
     args = ap.parse_args()
     key = jax.random.PRNGKey(0)
-    for k, n in ((4096, 6144), (4096, 28672), (14336, 4096)):
+    for kn in args.shapes.split(","):
+        k, n = (int(v) for v in kn.split("x"))
         p, s, mn = random_int4(key, k, n, 128)
         x = jax.random.normal(key, (1, k), jnp.bfloat16)
-        for _ in range(args.calls):
-            jax.block_until_ready(int4_matmul(x, p, s, mn, group_size=128))
-        print(f"int4_matmul 1x{k}x{n}: {args.calls} calls", flush=True)
+        for kw in json.loads(args.mm_variants):
+            for _ in range(args.calls):
+                jax.block_until_ready(int4_matmul(x, p, s, mn, group_size=128, **kw))
+            print(f"int4_matmul 1x{k}x{n} {kw}: {args.calls} calls", flush=True)
     if args.skip_attn:
         return
-    for t, lower in ((1, False), (5, True)):
+    roles = args.roles.split(",")
+    for t, lower in [r for r, name in (((1, False), "draft"), ((5, True), "verify")) if name in roles]:
         q, cache, pos, bst, _ = attn_inputs(args.context, t, lower)
         ku, kl, ks, km, vu, vl, vs, vm, bk, bv = cache
-        for _ in range(args.calls):
-            jax.block_until_ready(hier_attention(q, ku, kl, ks, km, vu, vl, vs, vm, bk, bv, pos, bst, group_size=128,
-                                                 use_lower=lower))
-        print(f"hier_attention T={t} use_lower={lower} ctx={args.context}: {args.calls} calls", flush=True)
+        for kw in json.loads(args.at_variants):
+            for _ in range(args.calls):
+                jax.block_until_ready(hier_attention(q, ku, kl, ks, km, vu, vl, vs, vm, bk, bv, pos, bst,
+                                                     group_size=128, use_lower=lower, **kw))
+            print(f"hier_attention T={t} use_lower={lower} ctx={args.context} {kw}: {args.calls} calls", flush=True)
 
 
 if __name__ == "__main__":
