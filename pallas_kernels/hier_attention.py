@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax as _lax
 from jax.experimental import pallas as _pl
 
-from pallas_kernels.nibbles import nibbles16
+from pallas_kernels.nibbles import MAGIC_INT8_F16, int8_codes_f16, nibbles16, ptx_available
 from qspec_jax import kv_quant
 
 try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
@@ -203,7 +203,7 @@ def auto_num_splits(b: int, kvh: int, sq: int, block_k: int, rows: int) -> int:
 
 def _attn_kernel(*refs, cfg):
     (d, half, g, gv, w, nch, bk, tk, nsub, bkb, sq, n_splits, b_splits, mp, mrows, cdt, use_lower, magic,
-     mask_tail, prefetch, fixed_chunk, asm) = cfg
+     mask_tail, prefetch, fixed_chunk, asm, comb16) = cfg
     it = iter(refs)
     q_ref, qlen_ref, pos_ref, qmax_ref, bst_ref, brange_ref = (next(it) for _ in range(6))
     ku_ref = next(it)
@@ -310,6 +310,13 @@ def _attn_kernel(*refs, cfg):
             else:
                 c_lo, c_hi = unpack(ku)
             sc = _dot(qs_lo, c_lo, trans_b=True, precision=prec) + _dot(qs_hi, c_hi, trans_b=True, precision=prec)
+        elif comb16:  # INT8 codes 16U + L as f16 1024 + v, one dot per half; offset through the sums
+            c_lo, c_hi = int8_codes_f16(ku, kl, asm=asm)
+            qs_lo = (q_lo * (ks_lo * (1.0 / 16.0))[None, :]).astype(jnp.float16)
+            qs_hi = (q_hi * (ks_hi * (1.0 / 16.0))[None, :]).astype(jnp.float16)
+            sc = _dot(qs_lo, c_lo, trans_b=True) + _dot(qs_hi, c_hi, trans_b=True)
+            corr = jnp.sum(qs_lo.astype(f32), axis=1) + jnp.sum(qs_hi.astype(f32), axis=1)
+            bias = bias - magic[1] * corr
         else:
             u_lo, u_hi = unpack(ku)
             sc = _dot(qs_lo, u_lo, trans_b=True) + _dot(qs_hi, u_hi, trans_b=True)
@@ -330,6 +337,8 @@ def _attn_kernel(*refs, cfg):
             if magic is None:
                 codes = combined(vu, vl) if use_lower else unpack(vu)
                 lcodes = (None, None)
+            elif comb16:
+                codes, lcodes = int8_codes_f16(vu, vl, asm=asm), (None, None)
             else:
                 codes = unpack(vu)
                 lcodes = unpack(vl) if use_lower else (None, None)
@@ -342,6 +351,9 @@ def _attn_kernel(*refs, cfg):
                     svx = sv * (1.0 / 16.0) if use_lower else sv
                     pv = (p * svx[None, :]).astype(cdt)
                     o = _dot(pv, codes[side], precision=prec)
+                elif comb16:
+                    pv = (p * (sv * (1.0 / 16.0))[None, :]).astype(jnp.float16)
+                    o = _dot(pv, codes[side]) - magic[1] * jnp.sum(pv.astype(f32), axis=1)[:, None]
                 else:
                     pv = (p * sv[None, :]).astype(cdt)
                     o = _dot(pv, codes[side])
@@ -455,8 +467,10 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     block_k: quantized tokens per loop step (power of 2; divides G or is a multiple of
     it). block_kb: buffer tokens per step. num_splits: programs per (row, KV head) over
     the quantized history (None: `auto_num_splits`). buffer_splits: programs over the
-    buffer. unpack: "magic" / "asm" (magic through inline PTX, `pallas_kernels.nibbles`) / "cvt" /
-    "auto" ("asm" for bf16/f16 queries, "cvt" for float32). prefetch:
+    buffer. unpack: "magic" / "asm" (magic through inline PTX, `pallas_kernels.nibbles`; with
+    use_lower the two planes' INT8 code 16U + L becomes one float16 1024 + v, so the plane dots
+    run in float16) / "cvt" / "auto" ("asm" for the draft with bf16/f16 queries, "cvt" for the
+    target and for float32). prefetch:
     load tile i+1 before computing tile i (software pipelining by hand, two tiles live
     in registers). None means the per-role default measured best on the H100
     (scripts/bench_kernels.py sweep, 2026-11-25, docs/benchmarks.md):
@@ -489,10 +503,11 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     mp = max(16, _next_pow2(mrows))
     cdt = jnp.dtype(q.dtype) if jnp.dtype(q.dtype) in _MAGIC else jnp.dtype(jnp.float32)
     if unpack == "auto":  # magic bits through inline PTX (H200, session 5: 112 vs 128 us at 128K)
-        unpack = "asm" if cdt in _MAGIC else "cvt"
+        unpack = "cvt" if cdt not in _MAGIC else "asm" if interpret or ptx_available() else "magic"
     if unpack not in ("magic", "asm", "cvt") or (unpack != "cvt" and cdt not in _MAGIC):
         raise HierAttentionShapeError(f"unpack={unpack!r} not possible for q dtype {q.dtype}")
-    magic = _MAGIC[cdt] if unpack != "cvt" else None
+    comb16 = use_lower and unpack == "asm"  # the target's INT8 code in one f16 (1024 + 16U + L)
+    magic = None if unpack == "cvt" else MAGIC_INT8_F16 if comb16 else _MAGIC[cdt]
     asm = unpack == "asm" and not interpret  # interpret mode: the same bits through jnp
     if prefetch is None:
         prefetch = False
@@ -528,7 +543,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                         jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
-           use_lower, magic, block_k > g, prefetch, fixed_chunk, asm)
+           use_lower, magic, block_k > g, prefetch, fixed_chunk, asm, comb16)
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [
         k_scale, k_min, v_upper] + ([v_lower] if use_lower else []) + [v_scale, v_min, buf_k, buf_v]
     total = n_splits + buffer_splits

@@ -66,7 +66,7 @@ try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
 except Exception:  # pragma: no cover
     plgpu = None
 
-from pallas_kernels.nibbles import MAGIC_F32, nibbles16, nibbles_f32
+from pallas_kernels.nibbles import MAGIC_F32, nibbles16, nibbles_f32, ptx_available
 
 
 def int4_matmul_reference(x, packed, scale, minimum, *, group_size: int):
@@ -331,7 +331,7 @@ def resolve_path(m: int, path: str, block_n, groups_per_step):
 def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
                 groups_per_step: int | None = None, split_k: int | None = None, num_warps: int = 4,
                 num_stages: int = 1, prefetch: bool = False, path: str = "auto", magic: bool = True,
-                asm: bool = True, interpret: bool = False):
+                asm: bool | None = None, interpret: bool = False):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]).
 
     x [M, K] bf16/f16/f32 (M <= MAX_M = 8, K <= n_groups*G; a ragged last group is
@@ -346,9 +346,12 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     through x's group sums, instead of integer->float conversions. asm: do the bit tricks with
     inline PTX, 4 bytes per instruction group (`pallas_kernels.nibbles`; "reduce" then takes 128 +
     code in f32 and removes the offset through sum(x); interpret mode runs the same bits in jnp).
+    None: on where the device takes PTX (`ptx_available`), and in interpret mode.
     num_warps / num_stages: Triton's.
     interpret: Pallas interpret mode (any backend; for tests).
     """
+    if asm is None:
+        asm = interpret or ptx_available()
     path, block_n, groups_per_step = resolve_path(x.shape[0] if x.ndim == 2 else 1, path, block_n,
                                                   groups_per_step)
     check_int4_matmul_args(x.shape, packed.shape, scale.shape, minimum.shape, group_size, block_n,

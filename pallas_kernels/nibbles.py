@@ -25,16 +25,29 @@ try:  # only needed on GPU
 except Exception:  # pragma: no cover
     _plgpu = None
 
+def ptx_available() -> bool:
+    """Whether the default device compiles inline PTX (an NVIDIA GPU; not ROCm, not CPU)."""
+    try:
+        dev = jax.devices()[0]
+        return dev.platform == "gpu" and "rocm" not in str(getattr(dev.client, "platform_version", "")).lower()
+    except Exception:  # pragma: no cover
+        return False
+
+
 MAGIC16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
 MAGIC_F32 = (0x43000000, 128.0)
+MAGIC_INT8_F16 = (0x6400, 1024.0)  # f16 bits 0x6400 | v = 1024 + v for an 8-bit v
 _LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
 
 
-def _asm(src: str, p, n_out_regs: int, out_dtype):
+def _asm(src: str, p, n_out_regs: int, out_dtype, *more):
     """One elementwise_inline_asm over 4 bytes at a time with one result (Pallas-Triton's
-    lowering takes a single result only): $0..$(n-1) are the outputs, $n the input word."""
+    lowering takes a single result only, of a signless type): $0..$(n-1) are the outputs,
+    $n the word of p (then one word per array in `more`)."""
     out = jax.ShapeDtypeStruct(p.shape, out_dtype)
-    (res,) = _plgpu.elementwise_inline_asm(src, args=[p], constraints=",".join(["=r"] * n_out_regs + ["r"]),
+    args = [p, *more]
+    (res,) = _plgpu.elementwise_inline_asm(src, args=args,
+                                           constraints=",".join(["=r"] * n_out_regs + ["r"] * len(args)),
                                            pack=4, result_shape_dtypes=[out])
     return res
 
@@ -88,3 +101,40 @@ def nibbles_f32(p, *, asm: bool):
     hi = _asm(codes(("shl.b32 t, $4, 12;", "shl.b32 t, $4, 4;", "shr.b32 t, $4, 4;", "shr.b32 t, $4, 12;")),
               p, 4, jnp.int32)
     return lax.bitcast_convert_type(lo, jnp.float32), lax.bitcast_convert_type(hi, jnp.float32)
+
+
+def int8_codes_f16(pu, pl, *, asm: bool):
+    """Upper and lower 4-bit planes (uint8, same shape) -> the INT8 codes v = 16 U + L of the
+    low-nibble and high-nibble channels, as float16 1024 + v (bf16 has too few mantissa bits
+    for an 8-bit code on an offset)."""
+    bits, _ = MAGIC_INT8_F16
+    if not asm:
+        u16, l16 = pu.astype(jnp.uint16), pl.astype(jnp.uint16)
+        lo = ((u16 & 0xF) << 4) | (l16 & 0xF)
+        hi = (u16 & 0xF0) | (l16 >> 4)
+        return (lax.bitcast_convert_type(lo | bits, jnp.float16), lax.bitcast_convert_type(hi | bits, jnp.float16))
+    m2 = f"0x{bits:04X}{bits:04X}"
+
+    def codes(high: bool):
+        # $2 / $3 = four bytes of U / L. Spread bytes (0, 1) and (2, 3) of each into the two
+        # halves of a register (PRMT), then per half: U's nibble at bits 4..7, L's at 0..3, and
+        # the exponent of 1024 (LOP3 (a & b) | c twice).
+        l_shift = "shr.b32 l0, l0, 4;\nshr.b32 l1, l1, 4;" if high else ""
+        u_shift = "" if high else "shl.b32 u0, u0, 4;\nshl.b32 u1, u1, 4;"
+        return f"""{{
+        .reg .b32 z, u0, u1, l0, l1, x0, x1;
+        mov.b32 z, 0;
+        prmt.b32 u0, $2, z, 0x4140;
+        prmt.b32 u1, $2, z, 0x4342;
+        prmt.b32 l0, $3, z, 0x4140;
+        prmt.b32 l1, $3, z, 0x4342;
+        {l_shift}
+        {u_shift}
+        lop3.b32 x0, l0, 0x000F000F, {m2}, {_LOP_AND_OR};
+        lop3.b32 x1, l1, 0x000F000F, {m2}, {_LOP_AND_OR};
+        lop3.b32 $0, u0, 0x00F000F0, x0, {_LOP_AND_OR};
+        lop3.b32 $1, u1, 0x00F000F0, x1, {_LOP_AND_OR};
+        }}"""
+
+    lo, hi = (_asm(codes(h), pu, 2, jnp.int16, pl) for h in (False, True))
+    return lax.bitcast_convert_type(lo, jnp.float16), lax.bitcast_convert_type(hi, jnp.float16)

@@ -235,6 +235,8 @@ ATTN_CASES = [
                  [[249, 10], [63, 180], [31, 64]], id="verify-gqa3-d64-f32-blockk>G"),
     pytest.param(2, 7, 2, 8, 128, 32, 256, 72, jnp.bfloat16, True, dict(block_k=16, num_splits=3, prefetch=True),
                  [[249, 40], [96, 200]], id="verify-gqa8-d128-G32-bf16-prefetch"),
+    pytest.param(2, 5, 2, 4, 128, 64, 512, 136, jnp.bfloat16, True, dict(block_k=64, unpack="asm"),
+                 [[500, 3], [130, 383]], id="verify-gqa4-d128-bf16-int8-code-in-f16"),
     pytest.param(2, 1, 2, 1, 64, 256, 1024, 520, jnp.float16, False, dict(unpack="cvt", block_kb=32),
                  [[1000, 511], [767, 0]], id="draft-gqa1-d64-G256-f16-cvt"),
     pytest.param(1, 3, 2, 2, 128, 32, 192, 70, jnp.float32, False, dict(block_k=32, prefetch=False,

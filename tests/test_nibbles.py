@@ -103,15 +103,18 @@ class _CapturePTX:
         self.sources = []
 
     def elementwise_inline_asm(self, src, *, args, constraints, pack, result_shape_dtypes):
-        assert pack == 4 and len(args) == 1 and len(result_shape_dtypes) == 1
+        assert pack == 4 and len(result_shape_dtypes) == 1
+        assert all(np.shape(a) == np.shape(args[0]) for a in args)
         self.sources.append(src)
         cons = constraints.split(",")
         n_out = sum(c.startswith("=") for c in cons)
-        assert cons[n_out:] == ["r"]
-        p = np.asarray(args[0], np.uint8).reshape(-1, 4)
-        word = (p[:, 0].astype(np.uint32) | (p[:, 1].astype(np.uint32) << 8) | (p[:, 2].astype(np.uint32) << 16)
-                | (p[:, 3].astype(np.uint32) << 24))
-        regs = run_ptx(src, {f"${n_out}": word})
+        assert cons[n_out:] == ["r"] * len(args)
+
+        def word(a):
+            p = np.asarray(a, np.uint8).reshape(-1, 4).astype(np.uint32)
+            return p[:, 0] | (p[:, 1] << 8) | (p[:, 2] << 16) | (p[:, 3] << 24)
+
+        regs = run_ptx(src, {f"${n_out + i}": word(a) for i, a in enumerate(args)})
         outs = [regs[f"${j}"].astype(np.uint32) for j in range(n_out)]
         out_dt = np.dtype(result_shape_dtypes[0].dtype)
         if out_dt.itemsize == 2:
@@ -159,6 +162,25 @@ def test_nibbles_f32_ptx_matches_jnp(fake_triton):
     assert len(fake_triton.sources) == 2
     for g, w in zip(got, want):
         np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def test_int8_codes_f16_jnp_gives_1024_plus_16u_plus_l():
+    u, l = np.meshgrid(ALL_BYTES, ALL_BYTES, indexing="ij")
+    lo, hi = nibbles.int8_codes_f16(jnp.asarray(u), jnp.asarray(l), asm=False)
+    np.testing.assert_array_equal(np.asarray(lo, np.float32), 1024.0 + 16 * (u & 0xF) + (l & 0xF))
+    np.testing.assert_array_equal(np.asarray(hi, np.float32), 1024.0 + 16 * (u >> 4) + (l >> 4))
+
+
+def test_int8_codes_f16_ptx_matches_jnp(fake_triton):
+    u = _bytes_in_every_lane()
+    lo_bytes = jnp.asarray(np.random.default_rng(1).permutation(np.asarray(u).reshape(-1)).reshape(u.shape))
+    for l_ in (lo_bytes, u, jnp.zeros_like(u), jnp.full_like(u, 0xFF)):
+        got = nibbles.int8_codes_f16(u, l_, asm=True)
+        want = nibbles.int8_codes_f16(u, l_, asm=False)
+        for g, w in zip(got, want):
+            assert g.dtype == jnp.float16
+            np.testing.assert_array_equal(_bits(g), _bits(w))
+    assert len(fake_triton.sources) == 8
 
 
 def test_interpreter_catches_a_wrong_selector(fake_triton, monkeypatch):
