@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax as _lax
 from jax.experimental import pallas as _pl
 
-from pallas_kernels.nibbles import MAGIC_INT8_F16, int8_codes_f16, nibbles16, ptx_available
+from pallas_kernels.nibbles import MAGIC16, MAGIC_INT8_F16, int8_codes_f16, nibbles16, ptx_available
 from qspec_jax import kv_quant
 
 try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
@@ -103,7 +103,6 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 MAX_GQA = 8
 MAX_T = 16
 NUM_SMS_H100 = 132
-_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
 
 
 class HierAttentionShapeError(ValueError):
@@ -501,13 +500,13 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     nch = half // w
     mrows = t * r
     mp = max(16, _next_pow2(mrows))
-    cdt = jnp.dtype(q.dtype) if jnp.dtype(q.dtype) in _MAGIC else jnp.dtype(jnp.float32)
+    cdt = jnp.dtype(q.dtype) if jnp.dtype(q.dtype) in MAGIC16 else jnp.dtype(jnp.float32)
     if unpack == "auto":  # magic bits through inline PTX (H200, session 5: 112 vs 128 us at 128K)
-        unpack = "cvt" if cdt not in _MAGIC else "asm" if interpret or ptx_available() else "magic"
-    if unpack not in ("magic", "asm", "cvt") or (unpack != "cvt" and cdt not in _MAGIC):
+        unpack = "cvt" if cdt not in MAGIC16 else "asm" if interpret or ptx_available() else "magic"
+    if unpack not in ("magic", "asm", "cvt") or (unpack != "cvt" and cdt not in MAGIC16):
         raise HierAttentionShapeError(f"unpack={unpack!r} not possible for q dtype {q.dtype}")
     comb16 = use_lower and unpack == "asm"  # the target's INT8 code in one f16 (1024 + 16U + L)
-    magic = None if unpack == "cvt" else MAGIC_INT8_F16 if comb16 else _MAGIC[cdt]
+    magic = None if unpack == "cvt" else MAGIC_INT8_F16 if comb16 else MAGIC16[cdt]
     asm = unpack == "asm" and not interpret  # interpret mode: the same bits through jnp
     if prefetch is None:
         prefetch = False

@@ -34,9 +34,9 @@ reduce kernel's work grows with M, a dot's does not. `resolve_path` picks per M.
 before step i is computed. It lost in the H100 sweep (docs/results/kernels_sweep4_kmajor_h100.json)
 and is off by default.
 
-Unpacking (`asm=True`, the default): four packed bytes at a time through inline PTX
-(`pallas_kernels.nibbles`): each code becomes 128 + code in f32 by one shift and one LOP3,
-the offset leaves through sum(x). Nsight Compute had this kernel issue-bound (issue slots
+Unpacking (`asm=None`, the default: on wherever the device takes PTX): four packed bytes
+at a time through inline PTX (`pallas_kernels.nibbles`): each code becomes 128 + code in
+f32 by one shift and one LOP3, the offset leaves through sum(x). Nsight Compute had this kernel issue-bound (issue slots
 67-69% busy, top stall "not selected"): the PTX cut its instructions by 28%.
 
 Status (NVIDIA H200, jax 0.11.2, 2026-11-26, session 5; docs/benchmarks.md, device time per
@@ -66,7 +66,7 @@ try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
 except Exception:  # pragma: no cover
     plgpu = None
 
-from pallas_kernels.nibbles import MAGIC_F32, nibbles16, nibbles_f32, ptx_available
+from pallas_kernels.nibbles import MAGIC16, MAGIC_F32, nibbles16, nibbles_f32, ptx_available
 
 
 def int4_matmul_reference(x, packed, scale, minimum, *, group_size: int):
@@ -98,7 +98,6 @@ DEFAULT_GROUPS_PER_STEP = 8
 M1_GROUPS_PER_STEP = 16  # M = 1 with the inline-PTX unpack (H200 sweep, session 5: 27.9 vs 28.7 us on gate/up)
 DOT_BLOCK_N = 64  # the M > 2 tensor-core path ("dot")
 DOT_GROUPS_PER_STEP = 1
-_MAGIC_16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}  # bits|c = off+c
 _F32_MAGIC = (0x4B000000, 8388608.0)  # f32 bits 0x4B000000 | c == 2**23 + c (c < 2**23)
 
 
@@ -371,7 +370,7 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
         cdt = jnp.dtype(x.dtype) if jnp.dtype(x.dtype) in SUPPORTED_DTYPES[:2] else jnp.dtype(jnp.float32)
         kernel = functools.partial(_int4_dot_kernel, m=m, mp=max(16, _next_pow2(m)), n=n, ng=ng, half=half,
                                    block_n=block_n, gpb=gpb, gps=gps, steps=steps, n_ragged=n % block_n != 0,
-                                   split_out=split_out, cdt=cdt, magic=_MAGIC_16.get(cdt) if magic else None,
+                                   split_out=split_out, cdt=cdt, magic=MAGIC16.get(cdt) if magic else None,
                                    asm=asm and not interpret)
     else:
         kernel = functools.partial(_int4_kernel, m=m, n=n, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,

@@ -25,6 +25,7 @@ try:  # only needed on GPU
 except Exception:  # pragma: no cover
     _plgpu = None
 
+
 def ptx_available() -> bool:
     """Whether the default device compiles inline PTX (an NVIDIA GPU; not ROCm, not CPU)."""
     try:
@@ -36,7 +37,7 @@ def ptx_available() -> bool:
 
 MAGIC16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
 MAGIC_F32 = (0x43000000, 128.0)
-MAGIC_INT8_F16 = (0x6400, 1024.0)  # f16 bits 0x6400 | v = 1024 + v for an 8-bit v
+MAGIC_INT8_F16 = MAGIC16[jnp.dtype(jnp.float16)]  # f16 bits 0x6400 | v = 1024 + v holds an 8-bit v too
 _LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
 
 
