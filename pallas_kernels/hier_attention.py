@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax as _lax
 from jax.experimental import pallas as _pl
 
-from pallas_kernels.nibbles import MAGIC16, MAGIC_INT8_F16, int8_codes_f16, nibbles16, ptx_available
+from pallas_kernels.nibbles import CENTER, MAGIC16, nibbles16, ptx_available
 from qspec_jax import kv_quant
 
 try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
@@ -86,8 +86,9 @@ def hier_attention_reference(q, k_upper, k_lower, k_scale, k_min, v_upper, v_low
 #   p.v  = sum_i (p_i sv_i) U_i + sum_i p_i mnv_i       (value stats per token / group)
 # with U the 4-bit code (draft) or 16U+L on the scale s/16 and minimum mn - s/2 (INT8
 # target). A tile only goes through nibble unpacking; "magic" unpacking turns a nibble
-# into a 16-bit float by bit operations (bf16 0x4300|c = 128+c) and removes the offset
-# through the row sums; the target then uses separate dots for the two planes.
+# into a 16-bit float by bit operations (bf16 0x4300|c = 128+c); for keys the offset is
+# removed through the row sums of each tile, values are centered (c - 8, exact) because
+# their sums run over all tiles; the target then uses separate dots for the two planes.
 # Each program writes an unnormalized partial output, its running max (log2 domain) and
 # its sum; XLA merges them.
 #
@@ -202,7 +203,7 @@ def auto_num_splits(b: int, kvh: int, sq: int, block_k: int, rows: int) -> int:
 
 def _attn_kernel(*refs, cfg):
     (d, half, g, gv, w, nch, bk, tk, nsub, bkb, sq, n_splits, b_splits, mp, mrows, cdt, use_lower, magic,
-     mask_tail, prefetch, fixed_chunk, asm, comb16) = cfg
+     mask_tail, prefetch, fixed_chunk, asm) = cfg
     it = iter(refs)
     q_ref, qlen_ref, pos_ref, qmax_ref, bst_ref, brange_ref = (next(it) for _ in range(6))
     ku_ref = next(it)
@@ -226,9 +227,9 @@ def _attn_kernel(*refs, cfg):
     # Output chunks: low byte-chunk c covers channels [c*w, c*w+w), high [half+c*w, ...).
     out_cols = [c * w for c in range(nch)] + [half + c * w for c in range(nch)]
 
-    def unpack(p):  # uint8 [.., ..] -> (lo, hi) in cdt
+    def unpack(p, centered=False):  # uint8 [.., ..] -> (lo, hi) in cdt
         if magic is not None:
-            return nibbles16(p, cdt, asm=asm)
+            return nibbles16(p, cdt, asm=asm, centered=centered)
         return (p & 0xF).astype(cdt), (p >> 4).astype(cdt)
 
     def combined(pu, pl_):  # cvt path with lower plane: 16U + L in 0..255
@@ -236,14 +237,15 @@ def _attn_kernel(*refs, cfg):
         hi = (pu & 0xF0) | (pl_ >> 4)
         return lo.astype(cdt), hi.astype(cdt)
 
-    def softmax_update(sc, vis, m, l, acc):
+    def softmax_update(sc, vis, m, l, acc, ex=()):
         sc = jnp.where(vis, sc, neg)
         m_new = jnp.maximum(m, jnp.max(sc, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.where(vis, jnp.exp2(sc - m_new[:, None]), 0.0)
         l = l * alpha + jnp.sum(p, axis=1)
         acc = [a * alpha[:, None] for a in acc]
-        return p, m_new, l, acc
+        ex = [e * alpha for e in ex]
+        return p, m_new, l, acc, ex
 
     def load_rows(ref, tt, size, cols=None, ncols=None, valid=None):
         if cols is None:
@@ -269,8 +271,13 @@ def _attn_kernel(*refs, cfg):
     end = jnp.minimum(start + chunk, qmax)
     n_it = jnp.where(si < n_splits, _cdiv(jnp.maximum(end - start, 0), bk), 0)
 
+    # Value groups the output chunks read; the per-token stats of a group are loaded and
+    # used once per tile however many output chunks share it (all of them for D <= G).
+    vgroups = sorted({col // gv for col in out_cols})
+    gidx = {gr: i for i, gr in enumerate(vgroups)}
+
     def load_sub(tt, limit):
-        """Everything a sub-tile of tk tokens at tt needs from memory (tokens < limit)."""
+        """The tiles and key stats a sub-tile of tk tokens at tt needs (tokens < limit)."""
         grp = jnp.clip(tt // g, 0, sq // g - 1)
         valid = None if limit is None else sub_valid(tt, limit)
         if valid is None:
@@ -285,22 +292,28 @@ def _attn_kernel(*refs, cfg):
         for c in range(nch):
             vu = load_rows(vu_ref, tt, tk, c * w, w, valid=valid)  # [tk, w] uint8
             vl = load_rows(vl_ref, tt, tk, c * w, w, valid=valid) if use_lower else None
-            stats = []
-            for side in range(2):
-                grp_v = out_cols[side * nch + c] // gv
-                stats.append((load_tok_vec(vs_ref, tt, tk, grp_v, valid), load_tok_vec(vm_ref, tt, tk, grp_v, valid)))
-            vals.append((vu, vl, stats))
+            vals.append((vu, vl))
         return kstats, ku, kl, vals
 
-    def compute_sub(data, tt, m, l, acc):
+    def load_vstats(tt, limit):
+        """Per value group, the [tk] scale and minimum of the sub-tile at tt. These 2-byte
+        loads are too narrow for Triton's async copies, so the default loop issues them one
+        step ahead (Nsight, H100: waiting on them was 19% of the kernel's stall samples)."""
+        tt = jnp.minimum(tt, sq - tk)  # the look-ahead past the last tile reads valid memory, unused
+        valid = None if limit is None else sub_valid(tt, limit)
+        return [(load_tok_vec(vs_ref, tt, tk, gr, valid), load_tok_vec(vm_ref, tt, tk, gr, valid)) for gr in vgroups]
+
+    def compute_sub(data, vst, tt, m, l, acc, ex):
+        """One sub-tile. The constant parts of the dequantization (minimums, the magic
+        offsets) are row sums: one reduction per tile for the keys, and per value group a
+        running row scalar `ex` (rescaled like l) that is added to the outputs once, after
+        the loop, instead of reductions and broadcasts per output chunk per tile."""
         (ks_lo, ks_hi, km_lo, km_hi), ku, kl, vals = data
         ks_lo, ks_hi, km_lo, km_hi = (a.astype(f32) for a in (ks_lo, ks_hi, km_lo, km_hi))
         tok = tt + jnp.arange(tk, dtype=jnp.int32)
-        bias = jnp.sum(q_lo * km_lo[None, :], axis=1) + jnp.sum(q_hi * km_hi[None, :], axis=1)
-        if use_lower:
-            bias = bias - 0.5 * (jnp.sum(q_lo * ks_lo[None, :], axis=1) + jnp.sum(q_hi * ks_hi[None, :], axis=1))
-        qs_lo = (q_lo * ks_lo[None, :]).astype(cdt)
-        qs_hi = (q_hi * ks_hi[None, :]).astype(cdt)
+        if use_lower:  # INT8 code 16U + L on the scale s/16 and the minimum mn - s/2
+            km_lo, km_hi = km_lo - 0.5 * ks_lo, km_hi - 0.5 * ks_hi
+        bias_el = q_lo * km_lo[None, :] + q_hi * km_hi[None, :]
         if magic is None:
             if use_lower:
                 c_lo, c_hi = combined(ku, kl)
@@ -308,62 +321,58 @@ def _attn_kernel(*refs, cfg):
                 qs_hi = (q_hi * (ks_hi * (1.0 / 16.0))[None, :]).astype(cdt)
             else:
                 c_lo, c_hi = unpack(ku)
+                qs_lo = (q_lo * ks_lo[None, :]).astype(cdt)
+                qs_hi = (q_hi * ks_hi[None, :]).astype(cdt)
             sc = _dot(qs_lo, c_lo, trans_b=True, precision=prec) + _dot(qs_hi, c_hi, trans_b=True, precision=prec)
-        elif comb16:  # INT8 codes 16U + L as f16 1024 + v, one dot per half; offset through the sums
-            c_lo, c_hi = int8_codes_f16(ku, kl, asm=asm)
-            qs_lo = (q_lo * (ks_lo * (1.0 / 16.0))[None, :]).astype(jnp.float16)
-            qs_hi = (q_hi * (ks_hi * (1.0 / 16.0))[None, :]).astype(jnp.float16)
-            sc = _dot(qs_lo, c_lo, trans_b=True) + _dot(qs_hi, c_hi, trans_b=True)
-            corr = jnp.sum(qs_lo.astype(f32), axis=1) + jnp.sum(qs_hi.astype(f32), axis=1)
-            bias = bias - magic[1] * corr
         else:
+            qs_lo = (q_lo * ks_lo[None, :]).astype(cdt)
+            qs_hi = (q_hi * ks_hi[None, :]).astype(cdt)
             u_lo, u_hi = unpack(ku)
             sc = _dot(qs_lo, u_lo, trans_b=True) + _dot(qs_hi, u_hi, trans_b=True)
-            corr = jnp.sum(qs_lo.astype(f32), axis=1) + jnp.sum(qs_hi.astype(f32), axis=1)
+            bias_el = bias_el - magic[1] * (qs_lo.astype(f32) + qs_hi.astype(f32))
             if use_lower:
                 l_lo, l_hi = unpack(kl)
                 qs_lo16 = (q_lo * (ks_lo * (1.0 / 16.0))[None, :]).astype(cdt)
                 qs_hi16 = (q_hi * (ks_hi * (1.0 / 16.0))[None, :]).astype(cdt)
                 sc = sc + _dot(qs_lo16, l_lo, trans_b=True) + _dot(qs_hi16, l_hi, trans_b=True)
-                corr = corr + jnp.sum(qs_lo16.astype(f32), axis=1) + jnp.sum(qs_hi16.astype(f32), axis=1)
-            bias = bias - magic[1] * corr
-        sc = sc + bias[:, None]
+                bias_el = bias_el - magic[1] * (qs_lo16.astype(f32) + qs_hi16.astype(f32))
+        sc = sc + jnp.sum(bias_el, axis=1)[:, None]
         vis = tok[None, :] < qlen[:, None]
-        p, m, l, acc = softmax_update(sc, vis, m, l, acc)
+        p, m, l, acc, ex = softmax_update(sc, vis, m, l, acc, ex)
+        pvs = []  # per value group: the probabilities on the scale(s) the dots take
+        ex = list(ex)
+        for gi, (sv, mv) in enumerate(vst):
+            if use_lower:
+                mv = mv - 0.5 * sv
+            if magic is None:
+                pvs.append(((p * (sv * (1.0 / 16.0) if use_lower else sv)[None, :]).astype(cdt), None))
+                e = p * mv[None, :]
+            else:  # centered value codes c - CENTER: sv * c = sv * (c - CENTER) + CENTER * sv
+                pv = (p * sv[None, :]).astype(cdt)
+                e = p * mv[None, :] + CENTER * pv.astype(f32)
+                pv16 = None
+                if use_lower:
+                    pv16 = (p * (sv * (1.0 / 16.0))[None, :]).astype(cdt)
+                    e = e + CENTER * pv16.astype(f32)
+                pvs.append((pv, pv16))
+            ex[gi] = ex[gi] + jnp.sum(e, axis=1)
         acc = list(acc)
         for c in range(nch):
-            vu, vl, stats = vals[c]
+            vu, vl = vals[c]
             if magic is None:
                 codes = combined(vu, vl) if use_lower else unpack(vu)
                 lcodes = (None, None)
-            elif comb16:
-                codes, lcodes = int8_codes_f16(vu, vl, asm=asm), (None, None)
             else:
-                codes = unpack(vu)
-                lcodes = unpack(vl) if use_lower else (None, None)
+                codes = unpack(vu, centered=True)
+                lcodes = unpack(vl, centered=True) if use_lower else (None, None)
             for side in range(2):
                 oi = side * nch + c
-                sv, mv = stats[side]
-                if use_lower:
-                    mv = mv - 0.5 * sv
-                if magic is None:
-                    svx = sv * (1.0 / 16.0) if use_lower else sv
-                    pv = (p * svx[None, :]).astype(cdt)
-                    o = _dot(pv, codes[side], precision=prec)
-                elif comb16:
-                    pv = (p * (sv * (1.0 / 16.0))[None, :]).astype(jnp.float16)
-                    o = _dot(pv, codes[side]) - magic[1] * jnp.sum(pv.astype(f32), axis=1)[:, None]
-                else:
-                    pv = (p * sv[None, :]).astype(cdt)
-                    o = _dot(pv, codes[side])
-                    corr = jnp.sum(pv.astype(f32), axis=1)
-                    if use_lower:
-                        pv16 = (p * (sv * (1.0 / 16.0))[None, :]).astype(cdt)
-                        o = o + _dot(pv16, lcodes[side])
-                        corr = corr + jnp.sum(pv16.astype(f32), axis=1)
-                    o = o - magic[1] * corr[:, None]
-                acc[oi] = acc[oi] + o + jnp.sum(p * mv[None, :], axis=1)[:, None]
-        return m, l, acc
+                pv, pv16 = pvs[gidx[out_cols[oi] // gv]]
+                o = _dot(pv, codes[side], precision=prec if magic is None else None)
+                if pv16 is not None:
+                    o = o + _dot(pv16, lcodes[side])
+                acc[oi] = acc[oi] + o
+        return m, l, acc, ex
 
     def sub_valid(tt, limit):
         return (tt + jnp.arange(tk, dtype=jnp.int32)) < limit
@@ -371,33 +380,39 @@ def _attn_kernel(*refs, cfg):
     m0 = jnp.full((mp,), NEG_INF, f32)
     l0 = jnp.zeros((mp,), f32)
     acc0 = [jnp.zeros((mp, w), f32) for _ in range(2 * nch)]
+    ex0 = [jnp.zeros((mp,), f32) for _ in vgroups]
     if prefetch:
         # Step i computes the tile loaded during step i-1; every load is masked by the
         # program's range, so the extra prefetch past the end (and idle programs) read nothing.
         def load_tile(i):
             t0 = start + i * bk
-            return [load_sub(t0 + j * tk, end) for j in range(nsub)]
+            return [(load_sub(t0 + j * tk, end), load_vstats(t0 + j * tk, end)) for j in range(nsub)]
 
         def qbody(i, carry):
-            m, l, acc, cur = carry
+            m, l, acc, ex, cur = carry
             nxt = load_tile(i + 1)
             t0 = start + i * bk
             for j in range(nsub):
-                m, l, acc = compute_sub(cur[j], t0 + j * tk, m, l, acc)
-            return m, l, acc, nxt
+                m, l, acc, ex = compute_sub(cur[j][0], cur[j][1], t0 + j * tk, m, l, acc, ex)
+            return m, l, acc, ex, nxt
 
-        m_, l_, acc_, _ = _lax.fori_loop(0, n_it, qbody, (m0, l0, acc0, load_tile(0)))
-        carry = (m_, l_, acc_)
+        m_, l_, acc_, ex_, _ = _lax.fori_loop(0, n_it, qbody, (m0, l0, acc0, ex0, load_tile(0)))
     else:
-        def qbody(i, carry):
-            m, l, acc = carry
-            t0 = start + i * bk
-            data = [load_sub(t0 + j * tk, qmax if mask_tail else None) for j in range(nsub)]
-            for j in range(nsub):
-                m, l, acc = compute_sub(data[j], t0 + j * tk, m, l, acc)
-            return m, l, acc
+        lim = qmax if mask_tail else None
 
-        carry = _lax.fori_loop(0, n_it, qbody, (m0, l0, acc0))
+        def qbody(i, carry):
+            m, l, acc, ex, vst = carry
+            t0 = start + i * bk
+            data = [load_sub(t0 + j * tk, lim) for j in range(nsub)]
+            vst_next = [load_vstats(t0 + bk + j * tk, lim) for j in range(nsub)]
+            for j in range(nsub):
+                m, l, acc, ex = compute_sub(data[j], vst[j], t0 + j * tk, m, l, acc, ex)
+            return m, l, acc, ex, vst_next
+
+        vst0 = [load_vstats(start + j * tk, lim) for j in range(nsub)]
+        m_, l_, acc_, ex_, _ = _lax.fori_loop(0, n_it, qbody, (m0, l0, acc0, ex0, vst0))
+    acc_ = [a + ex_[gidx[col // gv]][:, None] for a, col in zip(acc_, out_cols)]
+    carry = (m_, l_, acc_)
 
     # ---- full-precision buffer ---------------------------------------------------------
     # Only the slots some query can see: [min Q - buf_start, max p - buf_start].
@@ -420,7 +435,7 @@ def _attn_kernel(*refs, cfg):
         sc = _dot(qc, kb, trans_b=True, precision=prec)  # [mp, bkb]
         ap = bstart + idx
         vis = inb[None, :] & (ap[None, :] >= qlen[:, None]) & (ap[None, :] <= pos[:, None])
-        p, m, l, acc = softmax_update(sc, vis, m, l, acc)
+        p, m, l, acc, _ = softmax_update(sc, vis, m, l, acc)
         pc = p.astype(cdt)
         acc = list(acc)
         for oi, col in enumerate(out_cols):
@@ -445,7 +460,7 @@ def resolve_defaults(use_lower: bool, block_k, num_stages, unpack):
     if block_k is None:
         block_k = 64 if use_lower else 128
     if num_stages is None:
-        num_stages = 2 if use_lower else 3
+        num_stages = 4 if use_lower else 3  # verify: 4 stages (H100 sweep, session 6: 269 -> 237 us at 128K)
     if unpack == "auto" and use_lower:
         unpack = "cvt"
     return block_k, num_stages, unpack
@@ -467,9 +482,8 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     it). block_kb: buffer tokens per step. num_splits: programs per (row, KV head) over
     the quantized history (None: `auto_num_splits`). buffer_splits: programs over the
     buffer. unpack: "magic" / "asm" (magic through inline PTX, `pallas_kernels.nibbles`; with
-    use_lower the two planes' INT8 code 16U + L becomes one float16 1024 + v, so the plane dots
-    run in float16) / "cvt" / "auto" ("asm" for the draft with bf16/f16 queries, "cvt" for the
-    target and for float32). prefetch:
+    use_lower one dot per plane) / "cvt" / "auto" ("asm" for the draft with bf16/f16 queries,
+    "cvt" for the target and for float32). prefetch:
     load tile i+1 before computing tile i (software pipelining by hand, two tiles live
     in registers). None means the per-role default measured best on the H100
     (scripts/bench_kernels.py sweep, 2026-11-25, docs/benchmarks.md):
@@ -505,8 +519,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
         unpack = "cvt" if cdt not in MAGIC16 else "asm" if interpret or ptx_available() else "magic"
     if unpack not in ("magic", "asm", "cvt") or (unpack != "cvt" and cdt not in MAGIC16):
         raise HierAttentionShapeError(f"unpack={unpack!r} not possible for q dtype {q.dtype}")
-    comb16 = use_lower and unpack == "asm"  # the target's INT8 code in one f16 (1024 + 16U + L)
-    magic = None if unpack == "cvt" else MAGIC_INT8_F16 if comb16 else MAGIC16[cdt]
+    magic = None if unpack == "cvt" else MAGIC16[cdt]
     asm = unpack == "asm" and not interpret  # interpret mode: the same bits through jnp
     if prefetch is None:
         prefetch = False
@@ -542,7 +555,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                         jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
-           use_lower, magic, block_k > g, prefetch, fixed_chunk, asm, comb16)
+           use_lower, magic, block_k > g, prefetch, fixed_chunk, asm)
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [
         k_scale, k_min, v_upper] + ([v_lower] if use_lower else []) + [v_scale, v_min, buf_k, buf_v]
     total = n_splits + buffer_splits

@@ -96,6 +96,8 @@ MAX_TILE_BYTES = 1 << 16  # block_n * groups_per_step * G/2: bigger tiles only s
 DEFAULT_BLOCK_N = 16
 DEFAULT_GROUPS_PER_STEP = 8
 M1_GROUPS_PER_STEP = 16  # M = 1 with the inline-PTX unpack (H200 sweep, session 5: 27.9 vs 28.7 us on gate/up)
+M1_NARROW_N = 4096  # M = 1 and N <= this: block_n 8, so the narrow projections (o, down) get
+M1_NARROW_BLOCK_N = 8  # enough programs without split-K (H100 sweep, session 6: 8.2 -> 6.2 / 18.7 -> 16.6 us)
 DOT_BLOCK_N = 64  # the M > 2 tensor-core path ("dot")
 DOT_GROUPS_PER_STEP = 1
 _F32_MAGIC = (0x4B000000, 8388608.0)  # f32 bits 0x4B000000 | c == 2**23 + c (c < 2**23)
@@ -310,18 +312,20 @@ def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, 
         plgpu.store(o_ref.at[pl.ds(0, mp), cols], y.astype(o_ref.dtype), mask=mask)
 
 
-def resolve_path(m: int, path: str, block_n, groups_per_step):
+def resolve_path(m: int, path: str, block_n, groups_per_step, n: int | None = None):
     """(path, block_n, groups_per_step) where the caller left "auto" / None: M <= 2 takes the
-    CUDA-core "reduce" kernel (block_n 16, 8 groups per step), M > 2 the tensor-core "dot"
-    kernel (block_n 64, 1 group per step). H100 (docs/results/kernels_sweep7_paths_m2_m8_h100.json):
-    the reduce kernel's work grows with M (qkv shape: 10.5 / 19.2 / 49.2 us at M = 1 / 2 / 8),
-    the dot kernel's does not (21.7 / 21.9 us at M = 2 / 8)."""
+    CUDA-core "reduce" kernel (block_n 16, 8 groups per step; M = 1: 16 groups per step, and
+    block_n 8 when N <= M1_NARROW_N), M > 2 the tensor-core "dot" kernel (block_n 64, 1 group per
+    step). H100 (docs/results/kernels_sweep7_paths_m2_m8_h100.json): the reduce kernel's work
+    grows with M (qkv shape: 10.5 / 19.2 / 49.2 us at M = 1 / 2 / 8), the dot kernel's does not
+    (21.7 / 21.9 us at M = 2 / 8)."""
     if path == "auto":
         path = "reduce" if m <= 2 else "dot"
     if path not in ("reduce", "dot"):
         raise Int4ShapeError(f"path must be 'auto', 'reduce' or 'dot', got {path!r}")
     reduce_gpb = M1_GROUPS_PER_STEP if m == 1 else DEFAULT_GROUPS_PER_STEP
-    dflt = {"reduce": (DEFAULT_BLOCK_N, reduce_gpb), "dot": (DOT_BLOCK_N, DOT_GROUPS_PER_STEP)}[path]
+    reduce_bn = M1_NARROW_BLOCK_N if m == 1 and n is not None and n <= M1_NARROW_N else DEFAULT_BLOCK_N
+    dflt = {"reduce": (reduce_bn, reduce_gpb), "dot": (DOT_BLOCK_N, DOT_GROUPS_PER_STEP)}[path]
     return path, dflt[0] if block_n is None else block_n, dflt[1] if groups_per_step is None else groups_per_step
 
 
@@ -352,7 +356,7 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     if asm is None:
         asm = interpret or ptx_available()
     path, block_n, groups_per_step = resolve_path(x.shape[0] if x.ndim == 2 else 1, path, block_n,
-                                                  groups_per_step)
+                                                  groups_per_step, n=packed.shape[0] if packed.ndim == 3 else None)
     check_int4_matmul_args(x.shape, packed.shape, scale.shape, minimum.shape, group_size, block_n,
                            groups_per_step, split_k, num_warps, x_dtype=x.dtype, packed_dtype=packed.dtype)
     m, k = x.shape

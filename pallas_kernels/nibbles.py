@@ -37,7 +37,10 @@ def ptx_available() -> bool:
 
 MAGIC16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
 MAGIC_F32 = (0x43000000, 128.0)
-MAGIC_INT8_F16 = MAGIC16[jnp.dtype(jnp.float16)]  # f16 bits 0x6400 | v = 1024 + v holds an 8-bit v too
+CENTER = 8  # centered codes: code - 8 in [-8, 7]
+# (1.0, -(offset + CENTER)) as the bits of a pair of 16-bit floats, for the centering fma
+_CENTER_FMA = {jnp.dtype(jnp.bfloat16): ("bf16x2", 0x3F803F80, 0xC308C308),
+               jnp.dtype(jnp.float16): ("f16x2", 0x3C003C00, 0xE408E408)}
 _LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
 
 
@@ -53,27 +56,44 @@ def _asm(src: str, p, n_out_regs: int, out_dtype, *more):
     return res
 
 
-def nibbles16(p, dtype, *, asm: bool):
-    """uint8 p -> (lo, hi) in dtype (bf16 or f16), each `offset + code` (MAGIC16[dtype])."""
-    bits, _ = MAGIC16[jnp.dtype(dtype)]
+def nibbles16(p, dtype, *, asm: bool, centered: bool = False):
+    """uint8 p -> (lo, hi) in dtype (bf16 or f16), each `offset + code` (MAGIC16[dtype]), or
+    with `centered` exactly `code - CENTER` (one packed fma more per pair of codes). Centered
+    codes are for sums accumulated over many tiles before the offset could be removed: a
+    common offset of 128 (bf16) or 1024 (f16) per code would dominate such a sum and its
+    rounding (measured: draft attention in f16 went from 1e-3 to 2e-2 relative error)."""
+    bits, off = MAGIC16[jnp.dtype(dtype)]
     if not asm:
         p16 = p.astype(jnp.uint16)
-        return (lax.bitcast_convert_type((p16 & 0xF) | bits, dtype),
-                lax.bitcast_convert_type((p16 >> 4) | bits, dtype))
+        lo, hi = (lax.bitcast_convert_type((p16 & 0xF) | bits, dtype),
+                  lax.bitcast_convert_type((p16 >> 4) | bits, dtype))
+        if centered:  # exact: both are small integers in a 16-bit float
+            lo, hi = (lo - jnp.asarray(off + CENTER, dtype)).astype(dtype), (hi - jnp.asarray(off + CENTER, dtype)).astype(dtype)
+        return lo, hi
     m2 = f"0x{bits:04X}{bits:04X}"
+    kind, one, neg = _CENTER_FMA[jnp.dtype(dtype)]
 
     def codes(shift):
         # $2 = four bytes b0..b3; t0 = [b0, 0, b1, 0], t1 = [b2, 0, b3, 0] (PRMT selector 4 = a zero
         # byte); $0 / $1 = the codes of (b0, b1) / (b2, b3) as two 16-bit floats each.
         sh = f"shr.b32 t0, t0, {shift};\nshr.b32 t1, t1, {shift};" if shift else ""
+        if not centered:
+            tail = f"""lop3.b32 $0, t0, 0x000F000F, {m2}, {_LOP_AND_OR};
+        lop3.b32 $1, t1, 0x000F000F, {m2}, {_LOP_AND_OR};"""
+        else:  # x * 1.0 - (offset + CENTER), exact
+            tail = f"""lop3.b32 t0, t0, 0x000F000F, {m2}, {_LOP_AND_OR};
+        lop3.b32 t1, t1, 0x000F000F, {m2}, {_LOP_AND_OR};
+        mov.b32 c1, 0x{one:08X};
+        mov.b32 c2, 0x{neg:08X};
+        fma.rn.{kind} $0, t0, c1, c2;
+        fma.rn.{kind} $1, t1, c1, c2;"""
         return f"""{{
-        .reg .b32 z, t0, t1;
+        .reg .b32 z, t0, t1, c1, c2;
         mov.b32 z, 0;
         prmt.b32 t0, $2, z, 0x4140;
         prmt.b32 t1, $2, z, 0x4342;
         {sh}
-        lop3.b32 $0, t0, 0x000F000F, {m2}, {_LOP_AND_OR};
-        lop3.b32 $1, t1, 0x000F000F, {m2}, {_LOP_AND_OR};
+        {tail}
         }}"""
 
     lo, hi = (_asm(codes(sh), p, 2, jnp.int16) for sh in (0, 4))
@@ -102,40 +122,3 @@ def nibbles_f32(p, *, asm: bool):
     hi = _asm(codes(("shl.b32 t, $4, 12;", "shl.b32 t, $4, 4;", "shr.b32 t, $4, 4;", "shr.b32 t, $4, 12;")),
               p, 4, jnp.int32)
     return lax.bitcast_convert_type(lo, jnp.float32), lax.bitcast_convert_type(hi, jnp.float32)
-
-
-def int8_codes_f16(pu, pl, *, asm: bool):
-    """Upper and lower 4-bit planes (uint8, same shape) -> the INT8 codes v = 16 U + L of the
-    low-nibble and high-nibble channels, as float16 1024 + v (bf16 has too few mantissa bits
-    for an 8-bit code on an offset)."""
-    bits, _ = MAGIC_INT8_F16
-    if not asm:
-        u16, l16 = pu.astype(jnp.uint16), pl.astype(jnp.uint16)
-        lo = ((u16 & 0xF) << 4) | (l16 & 0xF)
-        hi = (u16 & 0xF0) | (l16 >> 4)
-        return (lax.bitcast_convert_type(lo | bits, jnp.float16), lax.bitcast_convert_type(hi | bits, jnp.float16))
-    m2 = f"0x{bits:04X}{bits:04X}"
-
-    def codes(high: bool):
-        # $2 / $3 = four bytes of U / L. Spread bytes (0, 1) and (2, 3) of each into the two
-        # halves of a register (PRMT), then per half: U's nibble at bits 4..7, L's at 0..3, and
-        # the exponent of 1024 (LOP3 (a & b) | c twice).
-        l_shift = "shr.b32 l0, l0, 4;\nshr.b32 l1, l1, 4;" if high else ""
-        u_shift = "" if high else "shl.b32 u0, u0, 4;\nshl.b32 u1, u1, 4;"
-        return f"""{{
-        .reg .b32 z, u0, u1, l0, l1, x0, x1;
-        mov.b32 z, 0;
-        prmt.b32 u0, $2, z, 0x4140;
-        prmt.b32 u1, $2, z, 0x4342;
-        prmt.b32 l0, $3, z, 0x4140;
-        prmt.b32 l1, $3, z, 0x4342;
-        {l_shift}
-        {u_shift}
-        lop3.b32 x0, l0, 0x000F000F, {m2}, {_LOP_AND_OR};
-        lop3.b32 x1, l1, 0x000F000F, {m2}, {_LOP_AND_OR};
-        lop3.b32 $0, u0, 0x00F000F0, x0, {_LOP_AND_OR};
-        lop3.b32 $1, u1, 0x00F000F0, x1, {_LOP_AND_OR};
-        }}"""
-
-    lo, hi = (_asm(codes(h), pu, 2, jnp.int16, pl) for h in (False, True))
-    return lax.bitcast_convert_type(lo, jnp.float16), lax.bitcast_convert_type(hi, jnp.float16)

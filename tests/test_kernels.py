@@ -86,6 +86,9 @@ def test_int4_matmul_matches_reference(m, k, n, g, dtype, kw):
 
 def test_resolve_path_defaults_per_rows():
     assert resolve_path(1, "auto", None, None) == ("reduce", 16, 16)
+    assert resolve_path(1, "auto", None, None, n=4096) == ("reduce", 8, 16)  # narrow N: more programs
+    assert resolve_path(1, "auto", None, None, n=6144) == ("reduce", 16, 16)
+    assert resolve_path(2, "auto", None, None, n=4096) == ("reduce", 16, 8)
     assert resolve_path(2, "auto", None, None) == ("reduce", 16, 8)
     assert resolve_path(3, "auto", None, None) == ("dot", 64, 1)
     assert resolve_path(4, "reduce", 32, None) == ("reduce", 32, 8)
@@ -236,12 +239,14 @@ ATTN_CASES = [
     pytest.param(2, 7, 2, 8, 128, 32, 256, 72, jnp.bfloat16, True, dict(block_k=16, num_splits=3, prefetch=True),
                  [[249, 40], [96, 200]], id="verify-gqa8-d128-G32-bf16-prefetch"),
     pytest.param(2, 5, 2, 4, 128, 64, 512, 136, jnp.bfloat16, True, dict(block_k=64, unpack="asm"),
-                 [[500, 3], [130, 383]], id="verify-gqa4-d128-bf16-int8-code-in-f16"),
+                 [[500, 3], [130, 383]], id="verify-gqa4-d128-bf16-asm-two-plane-dots"),
     pytest.param(2, 1, 2, 1, 64, 256, 1024, 520, jnp.float16, False, dict(unpack="cvt", block_kb=32),
                  [[1000, 511], [767, 0]], id="draft-gqa1-d64-G256-f16-cvt"),
     pytest.param(1, 3, 2, 2, 128, 32, 192, 70, jnp.float32, False, dict(block_k=32, prefetch=False,
                                                                          buffer_splits=2),
                  [[180], [66]], id="t3-gqa2-d128-G32-f32-nch2"),
+    pytest.param(1, 4, 2, 4, 128, 128, 512, 264, jnp.bfloat16, True, dict(unpack="magic"),
+                 [[500], [130]], id="verify-gqa4-d128-G128-bf16-magic-two-plane-dots"),
 ]
 
 

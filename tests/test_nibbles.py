@@ -1,7 +1,7 @@
 """The nibble -> float bit tricks of `pallas_kernels.nibbles`, including their inline PTX.
 
-The PTX cannot run here, so a small interpreter of the five instructions it uses
-(mov, prmt, lop3, shl, shr on .b32) runs the exact strings the kernels would embed, on
+The PTX cannot run here, so a small interpreter of the instructions it uses (mov, prmt,
+lop3, shl, shr on .b32; fma.rn on bf16x2 / f16x2) runs the exact strings the kernels embed, on
 every byte value in every lane, and must give the same bits as the jnp formulation that
 interpret mode uses. This is what keeps a wrong PRMT selector or LOP3 table out of the
 GPU kernels (the GPU check in scripts/bench_kernels.py runs them for real).
@@ -28,6 +28,14 @@ def test_nibbles16_jnp_gives_offset_plus_code(dtype):
     off = nibbles.MAGIC16[jnp.dtype(dtype)][1]
     np.testing.assert_array_equal(np.asarray(lo, np.float32), off + (ALL_BYTES & 0xF))
     np.testing.assert_array_equal(np.asarray(hi, np.float32), off + (ALL_BYTES >> 4))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_centered_nibbles16_jnp_gives_code_minus_8(dtype):
+    lo, hi = nibbles.nibbles16(jnp.asarray(ALL_BYTES), dtype, asm=False, centered=True)
+    assert lo.dtype == hi.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(lo, np.float32), (ALL_BYTES & 0xF).astype(np.float32) - 8)
+    np.testing.assert_array_equal(np.asarray(hi, np.float32), (ALL_BYTES >> 4).astype(np.float32) - 8)
 
 
 def test_nibbles_f32_jnp_gives_128_plus_code():
@@ -60,6 +68,17 @@ def _lop3(a, b, c, lut):
     return out
 
 
+def _fma16x2(a, b, c, dtype):
+    """a * b + c on two 16-bit floats per 32-bit word, rounded once to dtype."""
+    out = np.zeros_like(a)
+    for shift in (0, 16):
+        x = [((w >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.uint16).view(dtype).astype(np.float64)
+             for w in (a, b, c)]
+        r = np.asarray(x[0] * x[1] + x[2], dtype).view(np.uint16).astype(np.uint64)
+        out |= r << np.uint64(shift)
+    return out
+
+
 def run_ptx(src: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run `src` on uint32 registers; inputs / outputs are named like the asm ($0, $4, ...)."""
     regs = {k: v.astype(np.uint64) for k, v in inputs.items()}
@@ -89,6 +108,9 @@ def run_ptx(src: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             regs[d] = (val(args[1]) << val(args[2])) & mask
         elif op == "shr.b32":
             regs[d] = val(args[1]) >> val(args[2])
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            a, b, c = (val(t) + np.zeros_like(val(args[1])) for t in args[1:4])
+            regs[d] = _fma16x2(a, b, c, jnp.bfloat16 if "bf16" in op else np.float16)
         else:
             raise AssertionError(f"unexpected PTX op {op!r} in {line!r}")
     return regs
@@ -155,6 +177,17 @@ def test_nibbles16_ptx_matches_jnp(fake_triton, dtype):
         np.testing.assert_array_equal(_bits(g), _bits(w))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_centered_nibbles16_ptx_matches_jnp(fake_triton, dtype):
+    p = _bytes_in_every_lane()
+    got = nibbles.nibbles16(p, dtype, asm=True, centered=True)
+    want = nibbles.nibbles16(p, dtype, asm=False, centered=True)
+    assert len(fake_triton.sources) == 2 and all("fma.rn" in src for src in fake_triton.sources)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
 def test_nibbles_f32_ptx_matches_jnp(fake_triton):
     p = _bytes_in_every_lane()
     got = nibbles.nibbles_f32(p, asm=True)
@@ -162,25 +195,6 @@ def test_nibbles_f32_ptx_matches_jnp(fake_triton):
     assert len(fake_triton.sources) == 2
     for g, w in zip(got, want):
         np.testing.assert_array_equal(_bits(g), _bits(w))
-
-
-def test_int8_codes_f16_jnp_gives_1024_plus_16u_plus_l():
-    u, l = np.meshgrid(ALL_BYTES, ALL_BYTES, indexing="ij")
-    lo, hi = nibbles.int8_codes_f16(jnp.asarray(u), jnp.asarray(l), asm=False)
-    np.testing.assert_array_equal(np.asarray(lo, np.float32), 1024.0 + 16 * (u & 0xF) + (l & 0xF))
-    np.testing.assert_array_equal(np.asarray(hi, np.float32), 1024.0 + 16 * (u >> 4) + (l >> 4))
-
-
-def test_int8_codes_f16_ptx_matches_jnp(fake_triton):
-    u = _bytes_in_every_lane()
-    lo_bytes = jnp.asarray(np.random.default_rng(1).permutation(np.asarray(u).reshape(-1)).reshape(u.shape))
-    for l_ in (lo_bytes, u, jnp.zeros_like(u), jnp.full_like(u, 0xFF)):
-        got = nibbles.int8_codes_f16(u, l_, asm=True)
-        want = nibbles.int8_codes_f16(u, l_, asm=False)
-        for g, w in zip(got, want):
-            assert g.dtype == jnp.float16
-            np.testing.assert_array_equal(_bits(g), _bits(w))
-    assert len(fake_triton.sources) == 8
 
 
 def test_interpreter_catches_a_wrong_selector(fake_triton, monkeypatch):
