@@ -136,6 +136,16 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             t, cache = chained(draft_steps, n, draft, cache, tok, c)
             o["draft_ms"] = 1e3 * t
             print(f"# ctx {c}: draft {1e3 * t:.3f} ms", flush=True)
+            if args.profile:  # kernels per draft step, by name (--hlo-dir maps fusion names to ops)
+                cache = at(cache, c)
+                prof = profile_top(lambda: draft_steps(draft, cache, tok), n, top=args.profile_top)
+                cache = prof.pop("_out")[0]
+                o["draft_profile"] = prof
+        if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            text = draft_steps.lower(draft, cache, tok).compile().as_text()
+            with open(os.path.join(args.hlo_dir, f"draft_steps_{args.shape}.hlo.txt"), "w") as f:
+                f.write(text)
     if "verify" in args.parts:
         for gv in sorted(set(args.verify_gammas or []) | {g}):
             feed = jnp.zeros((1, gv + 1), jnp.int32)
@@ -340,6 +350,7 @@ def main():
                    help="diagnostic only: skip the KV write (wrong results) to price the in-loop cache update")
     p.add_argument("--profile-top", type=int, default=12, help="kernels listed per round profile")
     p.add_argument("--profile", action="store_true", help="AR: device kernels of one call by name (profiler)")
+    p.add_argument("--hlo-dir", default=None, help="write the compiled draft-step loop's HLO here (fusion names)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.diagnose_no_cache_write:

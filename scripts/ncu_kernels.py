@@ -33,13 +33,14 @@ def main():
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--skip-attn", action="store_true")
+    ap.add_argument("--skip-mm", action="store_true")
     ap.add_argument("--shapes", default="4096x6144,4096x28672,14336x4096", help="KxN,... for the GEMV")
     ap.add_argument("--mm-variants", default="[{}]")
     ap.add_argument("--at-variants", default="[{}]")
     ap.add_argument("--roles", default="draft,verify")
     args = ap.parse_args()
     key = jax.random.PRNGKey(0)
-    for kn in args.shapes.split(","):
+    for kn in [] if args.skip_mm else args.shapes.split(","):
         k, n = (int(v) for v in kn.split("x"))
         p, s, mn = random_int4(key, k, n, 128)
         x = jax.random.normal(key, (1, k), jnp.bfloat16)
