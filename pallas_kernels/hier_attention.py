@@ -92,11 +92,14 @@ def hier_attention_reference(q, k_upper, k_lower, k_scale, k_min, v_upper, v_low
 # Each program writes an unnormalized partial output, its running max (log2 domain) and
 # its sum; XLA merges them.
 #
+# Value scale/min are loaded one tile ahead (too narrow for Triton's async copies), and the
+# constant terms are row sums: one per tile for keys, one running scalar per value group for
+# values (added after the loop, which is why value codes are centered).
+#
 # Status: correct on the GPU for all tested shapes (scripts/bench_kernels.py checks). Speed
-# (main kernel device time, Llama-3.1-8B layer, draft T=1 upper plane): 32.0 us at 32K, 106.9
-# us at 128K (1.27 TB/s) on an H200 with the PTX unpack ("asm", session 5), against 36.2 /
-# 122.9 us with the jnp bit tricks in the same run; verify (T=8, both planes, cvt) ~275 us
-# at 128K on the H100 (session 2). docs/benchmarks.md has the tables.
+# (device time per call, Llama-3.1-8B layer, H100, session 6): draft (T=1, upper plane) 33.0 us
+# at 32K, 96.6 us at 128K (1.48 TB/s); verify (T=8, both planes, cvt, 4 stages) 74.9 / 237.3
+# us. docs/benchmarks.md has the tables.
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -488,8 +491,8 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     in registers). None means the per-role default measured best on the H100
     (scripts/bench_kernels.py sweep, 2026-11-25, docs/benchmarks.md):
       draft  (use_lower=False): block_k 128, num_stages 3, asm unpack (H200, session 5), no prefetch
-      target (use_lower=True):  block_k 64,  num_stages 2, cvt unpack (3x faster than magic
-                                for T = 8: the magic path needs twice the dots), no prefetch
+      target (use_lower=True):  block_k 64,  num_stages 4 (H100, session 6), cvt unpack (the
+                                magic/asm paths need twice the dots: 1.3-1.5x slower), no prefetch
     fixed_splits: split the history by position instead of by the rows' lengths: chunks of
       capacity / num_splits tokens (num_splits None: max(1024, capacity / 128) tokens, so a
       row much shorter than the capacity still keeps the SMs busy) and one buffer program
