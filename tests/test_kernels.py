@@ -351,3 +351,32 @@ def test_hier_attention_auto_dispatch_and_bad_inputs():
     # "pallas" refuses what it cannot take before launch; "auto" falls back to the reference
     with pytest.raises(HierAttentionShapeError):
         hier_attention_auto(q, *cache, pos, bst, group_size=g, use_lower=False, backend="pallas", block_k=48)
+
+
+# ---------------------------------------------------------------------------------------
+# the profiling helper that reads Nsight Compute's SASS page (scripts/sass_summary.py)
+# ---------------------------------------------------------------------------------------
+
+def test_sass_summary_reads_ncu_source_csv(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sass_summary", "scripts/sass_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    hdr = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+           '"stall_long_sb","stall_wait","stall_long_sb (Not Issued)"')
+    rows = [("0x0", "LDC R1, c[0x0][0x0]", 1, 4, 0, 1, 0)]
+    rows += [(f"0x{16 * k:x}", src, s, 800, s if "LDG" in src else 0, 0 if "LDG" in src else s, 0)
+             for k, (src, s) in enumerate([("LDG.E.U16 R2, desc[UR4][R4.64]", 30), ("@!P0 FMUL R3, R2, R2", 50),
+                                           ("HMMA.16816.F32.BF16 R8, R4, R6, R8", 5), ("FMUL R3, R3, R3", 15)], 1)]
+    lines = ['"Kernel Name","hier_attention",', hdr] + [",".join(f'"{v}"' for v in r) for r in rows]
+    path = tmp_path / "sass.csv"
+    path.write_text("\n".join(lines) + "\n")
+    assert mod.main.__module__ == "sass_summary"
+    [(name, ins)] = mod.kernels(str(path))
+    assert name == "hier_attention" and len(ins) == 5
+    mod.summarize(name, ins)
+    out = capsys.readouterr().out
+    assert "hottest loop body: 4 instructions executed 800 times" in out
+    assert "wait 70%" in out and "long_sb 30%" in out  # samples by reason, Not-Issued columns left out
+    fmul = [line for line in out.splitlines() if line.startswith("FMUL")][0].split()
+    assert fmul[1:] == ["49.9", "64.4", "2"]  # 1600 of 3204 executed, 65 of 101 samples; @!P0 FMUL is an FMUL
