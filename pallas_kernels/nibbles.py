@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 try:  # only needed on GPU
@@ -38,9 +39,17 @@ def ptx_available() -> bool:
 MAGIC16 = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
 MAGIC_F32 = (0x43000000, 128.0)
 CENTER = 8  # centered codes: code - 8 in [-8, 7]
-# (1.0, -(offset + CENTER)) as the bits of a pair of 16-bit floats, for the centering fma
-_CENTER_FMA = {jnp.dtype(jnp.bfloat16): ("bf16x2", 0x3F803F80, 0xC308C308),
-               jnp.dtype(jnp.float16): ("f16x2", 0x3C003C00, 0xE408E408)}
+
+
+def _pair_bits(v: float, dtype) -> int:
+    """v as a 16-bit float of dtype, twice in one 32-bit word (a packed bf16x2 / f16x2 operand)."""
+    half = int(np.asarray(v, dtype).view(np.uint16))
+    return half << 16 | half
+
+
+# per dtype: the PTX type, and the fma operands 1.0 and -(offset + CENTER) of the centering
+_CENTER_FMA = {dt: (kind, _pair_bits(1.0, dt), _pair_bits(-(MAGIC16[dt][1] + CENTER), dt))
+               for dt, kind in ((jnp.dtype(jnp.bfloat16), "bf16x2"), (jnp.dtype(jnp.float16), "f16x2"))}
 _LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
 
 
@@ -68,7 +77,8 @@ def nibbles16(p, dtype, *, asm: bool, centered: bool = False):
         lo, hi = (lax.bitcast_convert_type((p16 & 0xF) | bits, dtype),
                   lax.bitcast_convert_type((p16 >> 4) | bits, dtype))
         if centered:  # exact: both are small integers in a 16-bit float
-            lo, hi = (lo - jnp.asarray(off + CENTER, dtype)).astype(dtype), (hi - jnp.asarray(off + CENTER, dtype)).astype(dtype)
+            shift = jnp.asarray(off + CENTER, dtype)
+            lo, hi = (lo - shift).astype(dtype), (hi - shift).astype(dtype)
         return lo, hi
     m2 = f"0x{bits:04X}{bits:04X}"
     kind, one, neg = _CENTER_FMA[jnp.dtype(dtype)]
