@@ -84,6 +84,43 @@ def int4_matmul_reference(x, packed, scale, minimum, *, group_size: int):
     return jnp.sum(y, axis=-1).astype(x.dtype)
 
 
+ACTIVATIONS = (None, "silu_mul")
+
+
+def fused_prologue_scale(x, norm_weight, eps, k_true=None):
+    """RMSNorm folded into a matmul: rms_norm(x) * g @ W = rsqrt(mean(x**2) + eps) * ((x * g) @ W).
+    -> (x * g in float32, the per-row factor float32 [M, 1])."""
+    xf = x.astype(jnp.float32)
+    k_true = xf.shape[-1] if k_true is None else k_true
+    inv = lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) / k_true + eps)
+    return xf * norm_weight.astype(jnp.float32), inv
+
+
+def fused_epilogue(y, *, act=None, residual=None):
+    """y float32 [M, N or 2N] -> float32 [M, N]: silu(gate) * up for act="silu_mul" (columns
+    gate | up), then + residual."""
+    if act == "silu_mul":
+        gate, up = jnp.split(y, 2, axis=-1)
+        y = gate * lax.logistic(gate) * up
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
+    return y
+
+
+def int4_fused_reference(x, packed, scale, minimum, *, group_size: int, norm_weight=None, norm_eps: float = 1e-6,
+                         residual=None, act=None):
+    """The fused forms of `int4_matmul` in plain jnp, float32 inside, x.dtype out:
+      norm_weight: the input is rms_norm(x) * norm_weight (eps norm_eps) instead of x;
+      act="silu_mul": W's columns are gate | up, the output silu(gate) * up (N/2 columns);
+      residual [M, N_out]: added to the output.
+    """
+    xin, inv = (x.astype(jnp.float32), None) if norm_weight is None else fused_prologue_scale(x, norm_weight, norm_eps)
+    y = int4_matmul_reference(xin, packed, scale, minimum, group_size=group_size)
+    if inv is not None:
+        y = y * inv
+    return fused_epilogue(y, act=act, residual=residual).astype(x.dtype)
+
+
 # --------------------------------------------------------------------------------------
 # Pallas kernel
 # --------------------------------------------------------------------------------------
@@ -181,59 +218,79 @@ def _program_block(*, n, ng, block_n, gps, n_ragged):
     g_begin = sk * gps
     g_end = jnp.minimum(g_begin + gps, ng)
     cmask = (n0 + jnp.arange(block_n, dtype=jnp.int32)) < n if n_ragged else None
-    return sk, g_begin, g_end, cmask, pl.ds(n0, block_n)
+    return sk, g_begin, g_end, cmask, n0
 
 
-def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n, gpb, gps, steps, n_ragged,
-                 g_ragged, split_out, prefetch, asm):
-    """One program: columns [j*block_n, +block_n) (masked past N), groups [s*gps, g_end)."""
+def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ragged, split_out, prefetch, asm,
+                 norm, paired, residual):
+    """One program: columns [j*block_n, +block_n) (masked past N), groups [s*gps, g_end).
+
+    Fused forms (refs after x, packed, scale, min: the norm weight, then the residual):
+    norm = (K, eps): x is multiplied by the norm weight as it is loaded, and the output by
+    rsqrt(sum(x**2) / K + eps), which one extra pass over x (from L2) computes per row.
+    paired: the program also owns columns [N + j*block_n, +block_n) (W = gate | up) and
+    stores silu(gate) * up. residual: [M, N] added before the store. With split-K the
+    partials (normalized, not paired or added) go out and XLA finishes."""
     f32 = jnp.float32
-    sk, g_begin, g_end, cmask, cols = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
+    x_ref, p_ref, s_ref, mn_ref, *rest, o_ref = refs
+    g_ref = rest.pop(0) if norm is not None else None
+    r_ref = rest.pop(0) if residual else None
+    sk, g_begin, g_end, cmask, n0 = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
+    col_sets = [pl.ds(n0, block_n)] + ([pl.ds(n0 + n, block_n)] if paired else [])
 
     def load_step(i):
-        """Everything step i reads: tile uint8 [bn, gpb, G/2], scale / min f32 [bn, gpb], and
-        per row x_lo, x_hi f32 [gpb, G/2]. Groups past g_end (ragged) and columns past N
-        read as zeros."""
+        """Everything step i reads: per column set a tile uint8 [bn, gpb, G/2] and scale / min
+        f32 [bn, gpb], and per row x_lo, x_hi f32 [gpb, G/2] (times the norm weight). Groups
+        past g_end (ragged) and columns past N read as zeros."""
         g0 = g_begin + i * gpb
         grp = pl.ds(g0, gpb)
-        if g_ragged or n_ragged:
-            gmask = (g0 + jnp.arange(gpb, dtype=jnp.int32)) < g_end
-            m2 = gmask[None, :] if cmask is None else (gmask[None, :] & cmask[:, None])
-            tile = plgpu.load(p_ref.at[cols, grp, :], mask=m2[:, :, None], other=0)
-            s = plgpu.load(s_ref.at[cols, grp], mask=m2, other=0)
-            mn = plgpu.load(mn_ref.at[cols, grp], mask=m2, other=0)
-        else:
-            tile, s, mn = p_ref[cols, grp, :], s_ref[cols, grp], mn_ref[cols, grp]
+        gmask = (g0 + jnp.arange(gpb, dtype=jnp.int32)) < g_end
+        tiles = []
+        for cols in col_sets:
+            if g_ragged or n_ragged:
+                m2 = gmask[None, :] if cmask is None else (gmask[None, :] & cmask[:, None])
+                tile = plgpu.load(p_ref.at[cols, grp, :], mask=m2[:, :, None], other=0)
+                s = plgpu.load(s_ref.at[cols, grp], mask=m2, other=0)
+                mn = plgpu.load(mn_ref.at[cols, grp], mask=m2, other=0)
+            else:
+                tile, s, mn = p_ref[cols, grp, :], s_ref[cols, grp], mn_ref[cols, grp]
+            tiles.append((tile, s.astype(f32), mn.astype(f32)))
+
+        def load_x(ref, r, c0):
+            idx = (pl.ds(r, 1), grp, pl.ds(c0, half))
+            v = plgpu.load(ref.at[idx], mask=gmask[None, :, None], other=0) if g_ragged else ref[idx]
+            return v[0].astype(f32)
+
+        gw = [load_x(g_ref, 0, c0) for c0 in (0, half)] if g_ref is not None else None
         xs = []
         for r in range(m):
-            for c0 in (0, half):
-                idx = (pl.ds(r, 1), grp, pl.ds(c0, half))
-                if g_ragged:
-                    v = plgpu.load(x_ref.at[idx], mask=gmask[None, :, None], other=0)
-                else:
-                    v = x_ref[idx]
-                xs.append(v[0].astype(f32))
-        return tile, s.astype(f32), mn.astype(f32), tuple(xs)
+            for c, c0 in enumerate((0, half)):
+                v = load_x(x_ref, r, c0)
+                xs.append(v if gw is None else v * gw[c])
+        return tuple(tiles), tuple(xs)
 
     def compute(data, accs):
-        tile, s, mn, xs = data
-        if asm is None:
-            t32 = tile.astype(jnp.uint32)
-            lo = lax.bitcast_convert_type((t32 & 0xF) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
-            hi = lax.bitcast_convert_type((t32 >> 4) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
-        else:  # 128 + code (no subtraction per code; the offset leaves through sum(x) below)
-            lo, hi = nibbles_f32(tile, asm=asm)
+        tiles, xs = data
         out = []
-        for r in range(m):
-            xl, xh = xs[2 * r], xs[2 * r + 1]
-            d = jnp.sum(lo * xl[None] + hi * xh[None], axis=2)  # [bn, gpb]
-            xsum = jnp.sum(xl, axis=1) + jnp.sum(xh, axis=1)  # [gpb]
-            if asm is not None:
-                d = d - MAGIC_F32[1] * xsum[None, :]
-            out.append(accs[r] + d * s + xsum[None, :] * mn)
+        for (tile, s, mn), accs_c in zip(tiles, accs):
+            if asm is None:
+                t32 = tile.astype(jnp.uint32)
+                lo = lax.bitcast_convert_type((t32 & 0xF) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
+                hi = lax.bitcast_convert_type((t32 >> 4) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
+            else:  # 128 + code (no subtraction per code; the offset leaves through sum(x) below)
+                lo, hi = nibbles_f32(tile, asm=asm)
+            outc = []
+            for r in range(m):
+                xl, xh = xs[2 * r], xs[2 * r + 1]
+                d = jnp.sum(lo * xl[None] + hi * xh[None], axis=2)  # [bn, gpb]
+                xsum = jnp.sum(xl, axis=1) + jnp.sum(xh, axis=1)  # [gpb]
+                if asm is not None:
+                    d = d - MAGIC_F32[1] * xsum[None, :]
+                outc.append(accs_c[r] + d * s + xsum[None, :] * mn)
+            out.append(tuple(outc))
         return tuple(out)
 
-    accs = tuple(jnp.zeros((block_n, gpb), f32) for _ in range(m))
+    accs = tuple(tuple(jnp.zeros((block_n, gpb), f32) for _ in range(m)) for _ in col_sets)
     if prefetch:
         def body(i, carry):
             accs, cur = carry
@@ -244,16 +301,55 @@ def _int4_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, n, ng, half, block_n,
     else:
         accs = lax.fori_loop(0, steps, lambda i, a: compute(load_step(i), a), accs)
 
+    inv = [_inv_rms(x_ref, r, ng, norm) for r in range(m)] if norm is not None else None
     for r in range(m):
-        y = jnp.sum(accs[r], axis=1).reshape(1, block_n)
+        ys = [jnp.sum(a[r], axis=1).reshape(1, block_n) for a in accs]
+        if inv is not None:
+            ys = [y * inv[r] for y in ys]
         if split_out:
-            idx, y = (pl.ds(sk, 1), pl.ds(r, 1), cols), y.reshape(1, 1, block_n)
-        else:
-            idx, y = (pl.ds(r, 1), cols), y.astype(o_ref.dtype)
-        if n_ragged:
-            plgpu.store(o_ref.at[idx], y, mask=cmask.reshape(y.shape))
-        else:
-            o_ref[idx] = y
+            for cols, y in zip(col_sets, ys):
+                idx = (pl.ds(sk, 1), pl.ds(r, 1), cols)
+                _store(o_ref, idx, y.reshape(1, 1, block_n), cmask)
+            continue
+        y = ys[0] if not paired else ys[0] * _sigmoid(ys[0]) * ys[1]
+        if r_ref is not None:
+            idx = (pl.ds(r, 1), col_sets[0])
+            res = plgpu.load(r_ref.at[idx], mask=cmask.reshape(1, block_n), other=0) if n_ragged else r_ref[idx]
+            y = y + res.astype(f32)
+        _store(o_ref, (pl.ds(r, 1), col_sets[0]), y.astype(o_ref.dtype), cmask)
+
+
+def _sigmoid(y):
+    return 1.0 / (1.0 + jnp.exp(-y))
+
+
+def _store(ref, idx, y, cmask):
+    if cmask is None:
+        ref[idx] = y
+    else:
+        plgpu.store(ref.at[idx], y, mask=cmask.reshape(y.shape))
+
+
+def _norm_chunk(ng: int, g: int) -> int:
+    """Groups per load of the RMS pass: the largest power of 2 dividing ng, at most 4096 values."""
+    c = ng & -ng
+    while c * g > 4096:
+        c //= 2
+    return max(c, 1)
+
+
+def _inv_rms(x_ref, r, ng, norm):
+    """rsqrt(sum(x_r**2) / K + eps) from x [M, ng, G] (zero padded past K)."""
+    k_true, eps = norm
+    g = x_ref.shape[2]
+    c = _norm_chunk(ng, g)
+
+    def body(i, acc):
+        v = x_ref[pl.ds(r, 1), pl.ds(i * c, c), :][0].astype(jnp.float32)  # [c, G]
+        return acc + jnp.sum(v * v, axis=1)
+
+    ss = lax.fori_loop(0, ng // c, body, jnp.zeros((c,), jnp.float32))
+    return lax.rsqrt(jnp.sum(ss) / k_true + eps)
 
 
 def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, block_n, gpb, gps, steps,
@@ -264,7 +360,8 @@ def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, 
     loaded before the first is computed (more bytes in flight)."""
     f32 = jnp.float32
     prec = lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
-    sk, g_begin, g_end, cmask, cols = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
+    sk, g_begin, g_end, cmask, n0 = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
+    cols = pl.ds(n0, block_n)
     rmask = (jnp.arange(mp, dtype=jnp.int32) < m)[:, None]
 
     def load_group(gi):
@@ -330,12 +427,15 @@ def resolve_path(m: int, path: str, block_n, groups_per_step, n: int | None = No
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "groups_per_step", "split_k", "num_warps",
-                                             "num_stages", "prefetch", "path", "magic", "asm", "interpret"))
+                                             "num_stages", "prefetch", "path", "magic", "asm", "interpret",
+                                             "norm_eps", "act"))
 def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
                 groups_per_step: int | None = None, split_k: int | None = None, num_warps: int = 4,
                 num_stages: int = 1, prefetch: bool = False, path: str = "auto", magic: bool = True,
-                asm: bool | None = None, interpret: bool = False):
-    """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]).
+                asm: bool | None = None, interpret: bool = False, norm_weight=None, norm_eps: float = 1e-6,
+                residual=None, act: str | None = None):
+    """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]),
+    and with the fused forms of `int4_fused_reference` (norm_weight / act / residual).
 
     x [M, K] bf16/f16/f32 (M <= MAX_M = 8, K <= n_groups*G; a ragged last group is
     zero-padded), packed uint8 [N, n_groups, G/2], scale/min f16 [N, n_groups].
@@ -352,35 +452,74 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     None: on where the device takes PTX (`ptx_available`), and in interpret mode.
     num_warps / num_stages: Triton's.
     interpret: Pallas interpret mode (any backend; for tests).
+    Fused forms (what a decoder layer needs around its GEMVs, so the draft step launches fewer
+    small kernels): norm_weight [K] (RMSNorm of x first, eps norm_eps), act="silu_mul" (W's
+    columns are gate | up; output silu(gate) * up, N/2 columns), residual [M, N_out] (added).
+    The "reduce" kernel does them in-kernel (block_n defaults to half for "silu_mul": a program
+    owns a gate and an up tile); the "dot" kernel and split-K partial sums finish in XLA.
     """
     if asm is None:
         asm = interpret or ptx_available()
+    if act not in ACTIVATIONS:
+        raise Int4ShapeError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    paired = act == "silu_mul"
+    n_w = packed.shape[0] if packed.ndim == 3 else None
+    if paired and n_w is not None and n_w % 2:
+        raise Int4ShapeError(f"act='silu_mul' needs an even number of columns (gate | up), got N={n_w}")
+    n_out = n_w // 2 if paired and n_w is not None else n_w
+    bn_given = block_n
     path, block_n, groups_per_step = resolve_path(x.shape[0] if x.ndim == 2 else 1, path, block_n,
-                                                  groups_per_step, n=packed.shape[0] if packed.ndim == 3 else None)
+                                                  groups_per_step, n=n_out)
+    if paired and bn_given is None and path == "reduce":
+        block_n = max(4, block_n // 2)  # two tiles per program: keep its bytes per step
     check_int4_matmul_args(x.shape, packed.shape, scale.shape, minimum.shape, group_size, block_n,
                            groups_per_step, split_k, num_warps, x_dtype=x.dtype, packed_dtype=packed.dtype)
     m, k = x.shape
     n, ng, half = packed.shape
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise Int4ShapeError(f"norm_weight must be [K] = [{k}], got shape {tuple(norm_weight.shape)}")
+    if residual is not None and tuple(residual.shape) != (m, n_out):
+        raise Int4ShapeError(f"residual must be [M, N_out] = {(m, n_out)}, got shape {tuple(residual.shape)}")
+    if path == "dot" and (norm_weight is not None or paired or residual is not None):
+        # the tensor-core kernel has no fused forms: XLA does them around it
+        xin = x
+        if norm_weight is not None:
+            xg, inv = fused_prologue_scale(x, norm_weight, norm_eps)
+            xin = (xg * inv).astype(x.dtype)
+        y = int4_matmul(xin, packed, scale, minimum, group_size=group_size, block_n=block_n,
+                        groups_per_step=groups_per_step, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
+                        path=path, magic=magic, asm=asm, interpret=interpret)
+        return fused_epilogue(y.astype(jnp.float32), act=act, residual=residual).astype(x.dtype)
     gpb = min(groups_per_step, _next_pow2(ng))
-    n_blocks = -(-n // block_n)
+    n_blocks = -(-n_out // block_n)
     splits, gps = split_plan(ng, n_blocks, gpb, split_k)
     steps = -(-gps // gpb)
     g_ragged = gps % gpb != 0 or ng % gps != 0  # some step reads groups past its split's end
-    xp = x if k == ng * group_size else jnp.pad(x, ((0, 0), (0, ng * group_size - k)))
+    pad_k = ((0, 0), (0, ng * group_size - k))
+    xp = x if k == ng * group_size else jnp.pad(x, pad_k)
     x3 = xp.reshape(m, ng, group_size)
     split_out = splits > 1
-    out_shape = (splits, m, n) if split_out else (m, n)
+    extra = []
     if path == "dot":
+        out_shape = (splits, m, n) if split_out else (m, n)
         cdt = jnp.dtype(x.dtype) if jnp.dtype(x.dtype) in SUPPORTED_DTYPES[:2] else jnp.dtype(jnp.float32)
         kernel = functools.partial(_int4_dot_kernel, m=m, mp=max(16, _next_pow2(m)), n=n, ng=ng, half=half,
                                    block_n=block_n, gpb=gpb, gps=gps, steps=steps, n_ragged=n % block_n != 0,
                                    split_out=split_out, cdt=cdt, magic=MAGIC16.get(cdt) if magic else None,
                                    asm=asm and not interpret)
     else:
-        kernel = functools.partial(_int4_kernel, m=m, n=n, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
-                                   steps=steps, n_ragged=n % block_n != 0, g_ragged=g_ragged,
+        out_shape = (splits, m, n) if split_out else (m, n_out)
+        if norm_weight is not None:
+            gw = norm_weight.reshape(1, k)
+            extra.append((gw if k == ng * group_size else jnp.pad(gw, pad_k)).reshape(1, ng, group_size))
+        if residual is not None and not split_out:
+            extra.append(residual)
+        kernel = functools.partial(_int4_kernel, m=m, n=n_out, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
+                                   steps=steps, n_ragged=n_out % block_n != 0, g_ragged=g_ragged,
                                    split_out=split_out, prefetch=prefetch,
-                                   asm=(not interpret) if asm else None)
+                                   asm=(not interpret) if asm else None,
+                                   norm=None if norm_weight is None else (k, float(norm_eps)), paired=paired,
+                                   residual=residual is not None and not split_out)
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,
@@ -389,9 +528,9 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
         compiler_params=params,
         interpret=interpret,
         name="int4_matmul",
-    )(x3, packed, scale, minimum)
+    )(x3, packed, scale, minimum, *extra)
     if split_out:
-        out = jnp.sum(out, axis=0).astype(x.dtype)
+        out = fused_epilogue(jnp.sum(out, axis=0), act=act, residual=residual).astype(x.dtype)
     return out
 
 
@@ -423,21 +562,25 @@ def pallas_unsupported_reason(m: int, qw, dtype=None) -> str | None:
     return None
 
 
-def int4_linear(x, qw, *, backend: str = "auto", interpret: bool = False, **kernel_kwargs):
-    """y[..., N] = x[..., K] @ W for a `QuantizedWeight` qw.
+def int4_linear(x, qw, *, backend: str = "auto", interpret: bool = False, norm_weight=None, norm_eps: float = 1e-6,
+                residual=None, act: str | None = None, **kernel_kwargs):
+    """y[..., N] = x[..., K] @ W for a `QuantizedWeight` qw, optionally in a fused form
+    (`int4_fused_reference`: norm_weight, act="silu_mul", residual [..., N_out]).
 
     backend: "pallas" (raise Int4ShapeError, a ValueError, if the kernel cannot take the
-    shapes), "reference" (`int4_matmul_reference`), "dequant" (dequantize to x.dtype, then
-    an XLA dot: what prefill wants), "auto" (pallas on GPU when supported; else dequant for
-    more than MAX_M rows, silently: that is prefill; else the reference, and on GPU a
-    warning once per reason). interpret=True runs the Pallas kernel in interpret mode (any
-    backend). kernel_kwargs go to `int4_matmul` (block_n, groups_per_step, ...).
+    shapes), "reference" (`int4_matmul_reference` / `int4_fused_reference`), "dequant"
+    (dequantize to x.dtype, then an XLA dot: what prefill wants), "auto" (pallas on GPU when
+    supported; else dequant for more than MAX_M rows, silently: that is prefill; else the
+    reference, and on GPU a warning once per reason). interpret=True runs the Pallas kernel in
+    interpret mode (any backend). kernel_kwargs go to `int4_matmul` (block_n, groups_per_step, ...).
     """
     *lead, k = x.shape
     if k != qw.in_features:
         raise ValueError(f"x has {k} features, the weight expects {qw.in_features}")
     m = math.prod(lead) if lead else 1
     x2 = x.reshape(m, k)
+    fused = dict(norm_weight=norm_weight, norm_eps=norm_eps, act=act,
+                 residual=None if residual is None else residual.reshape(m, -1))
     if backend == "auto":
         reason = pallas_unsupported_reason(m, qw, x.dtype)
         if reason is None and (_on_gpu() or interpret):
@@ -454,13 +597,18 @@ def int4_linear(x, qw, *, backend: str = "auto", interpret: bool = False, **kern
         if reason is not None:
             raise Int4ShapeError(f"int4_linear(backend='pallas'): {reason}")
         y = int4_matmul(x2, qw.packed, qw.scale, qw.minimum, group_size=qw.group_size, interpret=interpret,
-                        **kernel_kwargs)
+                        **fused, **kernel_kwargs)
     elif backend == "reference":
-        y = int4_matmul_reference(x2, qw.packed, qw.scale, qw.minimum, group_size=qw.group_size)
+        y = int4_fused_reference(x2, qw.packed, qw.scale, qw.minimum, group_size=qw.group_size, **fused)
     elif backend == "dequant":
         from qspec_jax.quant_weights import dequantize_weight
+        xin = x2
+        if norm_weight is not None:
+            xg, inv = fused_prologue_scale(x2, norm_weight, norm_eps)
+            xin = (xg * inv).astype(x.dtype)
         w = dequantize_weight(qw, x.dtype, out_major=True)  # [N, K]: the layout's orientation, no transpose
-        y = lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+        y = lax.dot_general(xin, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = fused_epilogue(y, act=act, residual=fused["residual"]).astype(x.dtype)
     else:
         raise ValueError(f"unknown backend {backend!r} (auto, pallas, reference, dequant)")
     return y.reshape(*lead, y.shape[-1])

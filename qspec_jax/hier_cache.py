@@ -122,7 +122,7 @@ class HierCache:
             fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
                 lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower, backend="pallas",
-                fixed_splits=opts.fixed_rows > 0)
+                fixed_splits=opts.fixed_rows > 0, interpret=opts.interpret)
         else:
             fn = lambda qq, pp: hier_attention_reference(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,

@@ -5,7 +5,9 @@ unrolled (a tuple of per-layer params, not a scanned stack): on the H100 a scann
 with a stacked cache moved ~3x the bytes (see docs/design.md).
 
 Data path: tokens -> embed -> [rms_norm -> fused qkv -> rope -> cache.attend -> o -> +
-rms_norm -> swiglu mlp -> +] x L -> final rms_norm -> hidden. `lm_logits` turns hidden
+rms_norm -> swiglu mlp -> +] x L -> final rms_norm -> hidden (a draft's INT4 GEMVs on the
+Pallas path take the norms, silu * up and the residual adds into the kernel: `norm_linear`,
+`linear_residual`). `lm_logits` turns hidden
 states into logits, so callers pick the positions they need (prefill of 128K tokens
 computes logits for one position per row, not 128K).
 """
@@ -84,12 +86,15 @@ class ForwardOptions:
       bit for bit. Costs R-row matmuls (free at batch 1, memory bound) and R-query
       attention in the one-token steps of the target; the draft never pads.
     prefill_block: query/key block of the exact prefill attention.
+    interpret: run the Pallas kernels in interpret mode (implies the Pallas path on any
+      device: CPU tests of what the GPU runs).
     """
 
     backend: str = "auto"
     exact_rows: bool = False
     fixed_rows: int = 0
     prefill_block: int = 1024
+    interpret: bool = False
 
     def __post_init__(self):
         if not isinstance(self.fixed_rows, int) or self.fixed_rows < 0:
@@ -100,6 +105,8 @@ class ForwardOptions:
         return dataclasses.replace(self, fixed_rows=0) if self.fixed_rows else self
 
     def use_pallas(self) -> bool:
+        if self.interpret:
+            return True
         if self.backend == "auto":
             return jax.default_backend() == "gpu"
         if self.backend not in ("pallas", "reference"):
@@ -222,16 +229,45 @@ def linear(x, w: Weight, opts: ForwardOptions = DEFAULT_OPTIONS, out_dtype=None)
         if opts.use_pallas():
             from pallas_kernels.int4_matmul import int4_linear
 
-            return int4_linear(x, w, backend="auto").astype(out_dtype)
+            return int4_linear(x, w, backend="auto", interpret=opts.interpret).astype(out_dtype)
         rows = x.reshape(-1, x.shape[-1])
         y = int4_matmul_reference(rows, w.packed, w.scale, w.minimum, group_size=w.group_size)
         return y.reshape(*x.shape[:-1], -1).astype(out_dtype)
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def mlp(x, layer: LayerParams, opts: ForwardOptions):
-    gate, up = jnp.split(linear(x, layer.w_gate_up, opts), 2, axis=-1)
-    return linear(jax.nn.silu(gate) * up, layer.w_down, opts)
+# The draft's INT4 GEMVs on the Pallas path take the ops around them (RMSNorm before,
+# silu * up or the residual add after) into the kernel: a draft step is ~17 kernels per
+# layer, a dozen of them small XLA ones of 1-2 us each (docs/benchmarks.md, session 6).
+# Everywhere else (dense target weights, the CPU reference, exact_rows) the plain
+# composition runs, so the target's numbers never depend on this.
+
+
+def _fuses(x, w: Weight, opts: ForwardOptions) -> bool:
+    return isinstance(w, QuantizedWeight) and opts.use_pallas() and not opts.exact_rows
+
+
+def norm_linear(x, norm_weight, eps: float, w: Weight, opts: ForwardOptions, act: str | None = None):
+    """linear(rms_norm(x, norm_weight, eps), w), then act ("silu_mul": silu(gate) * up of the
+    fused gate | up columns)."""
+    if _fuses(x, w, opts):
+        from pallas_kernels.int4_matmul import int4_linear
+
+        return int4_linear(x, w, norm_weight=norm_weight, norm_eps=eps, act=act, interpret=opts.interpret)
+    y = linear(rms_norm(x, norm_weight, eps), w, opts)
+    if act == "silu_mul":
+        gate, up = jnp.split(y, 2, axis=-1)
+        y = jax.nn.silu(gate) * up
+    return y
+
+
+def linear_residual(x, w: Weight, residual, opts: ForwardOptions):
+    """residual + linear(x, w)."""
+    if _fuses(x, w, opts):
+        from pallas_kernels.int4_matmul import int4_linear
+
+        return int4_linear(x, w, residual=residual, interpret=opts.interpret)
+    return residual + linear(x, w, opts)
 
 
 def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, prefill: bool = False,
@@ -257,8 +293,7 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
     b, t = tokens.shape
     hd = config.head_dim
     for n, layer in enumerate(params.layers):
-        h = rms_norm(x, layer.attn_norm, config.rms_norm_eps)
-        qkv = linear(h, layer.wqkv, opts)
+        qkv = norm_linear(x, layer.attn_norm, config.rms_norm_eps, layer.wqkv, opts)
         if layer.bqkv is not None:
             qkv = qkv + layer.bqkv
         q, k, v = split_columns(qkv, qkv_sizes(config))
@@ -266,8 +301,9 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
         k = apply_rope(k.reshape(b, t, config.num_kv_heads, hd), cos, sin)
         v = v.reshape(b, t, config.num_kv_heads, hd)
         attn, cache = cache.attend(n, q, k, v, positions, prefill=prefill, view=view, opts=opts)
-        x = x + linear(attn.reshape(b, t, -1), layer.wo, opts)
-        x = x + mlp(rms_norm(x, layer.mlp_norm, config.rms_norm_eps), layer, opts)
+        x = linear_residual(attn.reshape(b, t, -1), layer.wo, x, opts)
+        h = norm_linear(x, layer.mlp_norm, config.rms_norm_eps, layer.w_gate_up, opts, act="silu_mul")
+        x = linear_residual(h, layer.w_down, x, opts)
     return rms_norm(x, params.final_norm, config.rms_norm_eps)[:, :t_real], cache
 
 

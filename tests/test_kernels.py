@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.hier_attention import (HierAttentionShapeError, hier_attention, hier_attention_auto,
                                            hier_attention_reference)
-from pallas_kernels.int4_matmul import (MAX_M, Int4ShapeError, int4_linear, int4_matmul, int4_matmul_reference,
-                                        pallas_unsupported_reason, resolve_path, split_plan)
+from pallas_kernels.int4_matmul import (MAX_M, Int4ShapeError, int4_fused_reference, int4_linear, int4_matmul,
+                                        int4_matmul_reference, pallas_unsupported_reason, resolve_path, split_plan)
 from qspec_jax import kv_quant
 from qspec_jax.quant_weights import dequantize_weight, pack_weight, quantize_rtn, unpack_codes
 
@@ -82,6 +82,94 @@ def test_int4_matmul_matches_reference(m, k, n, g, dtype, kw):
     assert y.shape == (m, n) and y.dtype == x.dtype
     ref = highest(int4_matmul_reference, x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=g)
     assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)]
+
+
+FUSED_CASES = [
+    # m, k, n_out, g, dtype, kernel kwargs; every case runs all 8 combinations of the three fused forms
+    pytest.param(1, 300, 130, 64, jnp.float32, dict(), id="M1-raggedK-raggedN"),
+    pytest.param(2, 512, 96, 128, jnp.bfloat16, dict(), id="M2-bf16"),
+    pytest.param(1, 1024, 64, 32, jnp.float32, dict(split_k=3), id="M1-split3-XLA-finishes"),
+    pytest.param(4, 300, 130, 64, jnp.float32, dict(), id="M4-dot-XLA-around"),
+]
+
+
+@pytest.mark.parametrize("m,k,n,g,dtype,kw", FUSED_CASES)
+def test_int4_matmul_fused_forms_match_reference(m, k, n, g, dtype, kw):
+    """RMSNorm prologue, silu(gate) * up of paired columns, residual add: in the reduce
+    kernel, around the dot kernel, and after a split-K sum."""
+    rng = np.random.default_rng(k + n)
+    for norm in (False, True):
+        for act in (None, "silu_mul"):
+            for res in (False, True):
+                qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, 2 * n if act else n)), jnp.float32), g)
+                x = jnp.asarray(2.0 * rng.standard_normal((m, k)), dtype)  # mean square 4: the norm matters
+                fused = dict(norm_weight=jnp.asarray(1 + 0.3 * rng.standard_normal(k), dtype) if norm else None,
+                             residual=jnp.asarray(rng.standard_normal((m, n)), dtype) if res else None, act=act)
+                y = int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, interpret=True, **fused, **kw)
+                assert y.shape == (m, n) and y.dtype == x.dtype
+                ref = highest(int4_fused_reference, x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum,
+                              group_size=g, **fused)
+                assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)], (norm, act, res)
+
+
+def test_int4_fused_reference_is_the_unfused_composition():
+    from qspec_jax.model import rms_norm
+
+    rng = np.random.default_rng(11)
+    k, n, g = 256, 48, 64
+    qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, 2 * n)), jnp.float32), g)
+    x = jnp.asarray(3.0 * rng.standard_normal((2, k)), jnp.float32)
+    gw = jnp.asarray(1 + 0.3 * rng.standard_normal(k), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((2, n)), jnp.float32)
+    y = highest(int4_fused_reference, x, qw.packed, qw.scale, qw.minimum, group_size=g, norm_weight=gw,
+                norm_eps=1e-5, residual=r, act="silu_mul")
+    gate, up = jnp.split(highest(int4_matmul_reference, rms_norm(x, gw, 1e-5), qw.packed, qw.scale, qw.minimum,
+                                 group_size=g), 2, axis=-1)
+    assert rel_fro(y, r + jax.nn.silu(gate) * up) < 1e-5
+    with pytest.raises(Int4ShapeError, match="even"):
+        int4_matmul(x, qw.packed[:-1], qw.scale[:-1], qw.minimum[:-1], group_size=g, act="silu_mul")
+    with pytest.raises(Int4ShapeError, match="residual"):
+        int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, residual=r)  # N = 2n without act
+    with pytest.raises(Int4ShapeError, match="norm_weight"):
+        int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, norm_weight=gw[:-1])
+    with pytest.raises(Int4ShapeError, match="act"):
+        int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, act="gelu")
+
+
+def test_draft_forward_through_interpreted_kernels_matches_reference():
+    """The draft's decode steps with every Pallas kernel (fused INT4 GEMVs, draft attention)
+    in interpret mode against the jnp reference path, teacher forced across KV flushes."""
+    from helpers import random_prompts, tiny_config, tiny_params
+    from qspec_jax.draft import DraftRecipe, make_draft
+    from qspec_jax.hier_cache import init_hier_cache
+    from qspec_jax.model import ForwardOptions, forward, lm_logits
+
+    cfg = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=160)
+    draft = make_draft(tiny_params(cfg, seed=3, scale=0.1), DraftRecipe(group_size=32))
+    toks, _ = random_prompts(np.random.default_rng(0), [80, 80], cfg.vocab_size)
+    b, n_prompt = toks.shape[0], 40
+
+    def logits(opts):
+        cache = init_hier_cache(cfg, b, 128, group_size=32, dtype=jnp.float32)
+        cache = cache.with_prompt_lengths(jnp.full((b,), n_prompt, jnp.int32))
+        pos = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
+        _, cache = jax.jit(lambda c, tk: forward(draft, cfg, tk, pos, c, prefill=True, opts=opts))(
+            cache, toks[:, :n_prompt])
+
+        @jax.jit
+        def step(c, tok, i):
+            h, c = forward(draft, cfg, tok, jnp.full((b, 1), i, jnp.int32), c, view="draft", opts=opts)
+            return lm_logits(draft, h[:, 0], opts), c.commit(jnp.full((b,), i + 1, jnp.int32))
+
+        out = []
+        for i in range(n_prompt, toks.shape[1]):  # commits cross the flush at 64
+            lg, cache = step(cache, toks[:, i:i + 1], jnp.int32(i))
+            out.append(lg)
+        return np.stack(out, 1)
+
+    ref, kern = logits(ForwardOptions(backend="reference")), logits(ForwardOptions(interpret=True))
+    assert rel_fro(kern, ref) < 1e-3
+    assert (kern.argmax(-1) == ref.argmax(-1)).mean() > 0.95
 
 
 def test_resolve_path_defaults_per_rows():
