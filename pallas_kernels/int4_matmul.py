@@ -227,9 +227,11 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
 
     Fused forms (refs after x, packed, scale, min: the norm weight, then the residual):
     norm = (K, eps): x is multiplied by the norm weight as it is loaded, and the output by
-    rsqrt(sum(x**2) / K + eps), which one extra pass over x (from L2) computes per row.
-    paired: the program also owns columns [N + j*block_n, +block_n) (W = gate | up) and
-    stores silu(gate) * up. residual: [M, N] added before the store. With split-K the
+    rsqrt(sum(x**2) / K + eps). Without split-K the program's loop sees all of x, so the sum
+    of squares rides along in the loop; a split program makes one extra pass over x (its
+    latency exposed: on the H100 that pass cost gate/up ~3 us). paired: the program also
+    owns columns [N + j*block_n, +block_n) (W = gate | up) and stores silu(gate) * up.
+    residual: [M, N], loaded before the loop, added before the store. With split-K the
     partials (normalized, not paired or added) go out and XLA finishes."""
     f32 = jnp.float32
     x_ref, p_ref, s_ref, mn_ref, *rest, o_ref = refs
@@ -262,15 +264,19 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
             return v[0].astype(f32)
 
         gw = [load_x(g_ref, 0, c0) for c0 in (0, half)] if g_ref is not None else None
-        xs = []
+        xs, sq = [], []
         for r in range(m):
-            for c, c0 in enumerate((0, half)):
-                v = load_x(x_ref, r, c0)
-                xs.append(v if gw is None else v * gw[c])
-        return tuple(tiles), tuple(xs)
+            v = [load_x(x_ref, r, c0) for c0 in (0, half)]
+            if gw is not None:
+                sq.append(v[0] * v[0] + v[1] * v[1])  # [gpb, G/2], for the norm's sum of squares
+                v = [v[0] * gw[0], v[1] * gw[1]]
+            xs += v
+        return tuple(tiles), tuple(xs), tuple(sq)
 
-    def compute(data, accs):
-        tiles, xs = data
+    def compute(data, carry):
+        tiles, xs, sq = data
+        accs, ss = carry
+        ss = tuple(a + b for a, b in zip(ss, sq)) if ss_in_loop else ss
         out = []
         for (tile, s, mn), accs_c in zip(tiles, accs):
             if asm is None:
@@ -288,20 +294,32 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
                     d = d - MAGIC_F32[1] * xsum[None, :]
                 outc.append(accs_c[r] + d * s + xsum[None, :] * mn)
             out.append(tuple(outc))
-        return tuple(out)
+        return tuple(out), ss
 
+    ss_in_loop = norm is not None and not split_out
+    res = []
+    if r_ref is not None:  # tiny, loaded up front so its latency hides behind the loop
+        for r in range(m):
+            idx = (pl.ds(r, 1), col_sets[0])
+            v = plgpu.load(r_ref.at[idx], mask=cmask.reshape(1, block_n), other=0) if n_ragged else r_ref[idx]
+            res.append(v.astype(f32))
     accs = tuple(tuple(jnp.zeros((block_n, gpb), f32) for _ in range(m)) for _ in col_sets)
+    ss = tuple(jnp.zeros((gpb, half), f32) for _ in range(m)) if ss_in_loop else ()
     if prefetch:
         def body(i, carry):
-            accs, cur = carry
+            acc_ss, cur = carry
             nxt = load_step(jnp.minimum(i + 1, steps - 1))  # the last step re-loads itself (unused)
-            return compute(cur, accs), nxt
+            return compute(cur, acc_ss), nxt
 
-        accs, _ = lax.fori_loop(0, steps, body, (accs, load_step(0)))
+        (accs, ss), _ = lax.fori_loop(0, steps, body, ((accs, ss), load_step(0)))
     else:
-        accs = lax.fori_loop(0, steps, lambda i, a: compute(load_step(i), a), accs)
+        accs, ss = lax.fori_loop(0, steps, lambda i, c: compute(load_step(i), c), (accs, ss))
 
-    inv = [_inv_rms(x_ref, r, ng, norm) for r in range(m)] if norm is not None else None
+    inv = None
+    if ss_in_loop:
+        inv = [lax.rsqrt(jnp.sum(v) / norm[0] + norm[1]) for v in ss]
+    elif norm is not None:
+        inv = [_inv_rms(x_ref, r, ng, norm) for r in range(m)]
     for r in range(m):
         ys = [jnp.sum(a[r], axis=1).reshape(1, block_n) for a in accs]
         if inv is not None:
@@ -312,10 +330,8 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
                 _store(o_ref, idx, y.reshape(1, 1, block_n), cmask)
             continue
         y = ys[0] if not paired else ys[0] * _sigmoid(ys[0]) * ys[1]
-        if r_ref is not None:
-            idx = (pl.ds(r, 1), col_sets[0])
-            res = plgpu.load(r_ref.at[idx], mask=cmask.reshape(1, block_n), other=0) if n_ragged else r_ref[idx]
-            y = y + res.astype(f32)
+        if res:
+            y = y + res[r]
         _store(o_ref, (pl.ds(r, 1), col_sets[0]), y.astype(o_ref.dtype), cmask)
 
 

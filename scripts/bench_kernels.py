@@ -11,6 +11,9 @@ upper plane) and verify attention (T=8, both planes) vs XLA einsum-softmax-einsu
 a dense bf16 cache of the same context; INT4 matmul (K-major layout, `int4_matmul`) at
 M=1,4,8 vs bf16 x @ W, at the 8B model's shapes (fused q/k/v 4096x6144, o 4096x4096, fused
 gate/up 4096x28672, down 14336x4096, lm_head 4096x128256, and 4096x14336 / 4096x1024).
+--fused checks and times the INT4 GEMV's fused forms at the decoder layer's four GEMVs
+(RMSNorm + qkv, o + residual, RMSNorm + gate/up + silu * up, down + residual) against the
+same kernel with XLA doing the norm / activation / add around it.
 --sweep times every INT4 config of block_n 8/16/32 x groups_per_step 8/16/32 x num_warps
 2/4/8 x prefetch off/on on the --sweep-mm shapes, then attention variants.
 
@@ -45,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels.hier_attention import hier_attention, hier_attention_reference  # noqa: E402
-from pallas_kernels.int4_matmul import int4_matmul, int4_matmul_reference  # noqa: E402
+from pallas_kernels.int4_matmul import int4_fused_reference, int4_matmul, int4_matmul_reference  # noqa: E402
 from qspec_jax import kv_quant  # noqa: E402
 try:
     from qspec_jax.quant_weights import quantize_rtn  # noqa: E402
@@ -76,7 +79,8 @@ MIN_CALLS = 100
 PROFILE = False
 CALLS_PER_JIT = 4
 MM_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256), (4096, 14336), (4096, 1024)]
-RESULTS: dict = {"meta": {}, "copy": {}, "check": [], "matmul": [], "attention": [], "sweep": [], "errors": []}
+RESULTS: dict = {"meta": {}, "copy": {}, "check": [], "matmul": [], "attention": [], "sweep": [], "fused": [],
+                 "errors": []}
 T_START = time.time()
 
 
@@ -299,6 +303,73 @@ def time_matmul(args, m, k, n, kw, *, bf16=True, tag="main"):
             rec["speedup"] = med / rec["int4_s"]
         del sets, wb
     return rec
+
+
+# the decoder layer's GEMVs with their neighbours fused (norm prologue, silu * up, residual)
+FUSED_OPS = [("qkv+norm", 4096, 6144, dict(norm=True)), ("o+residual", 4096, 4096, dict(residual=True)),
+             ("gate_up+norm+silu", 4096, 14336, dict(norm=True, act="silu_mul")),
+             ("down+residual", 14336, 4096, dict(residual=True))]
+
+
+def _fused_inputs(m, k, n, spec, dt=jnp.bfloat16):
+    key = jax.random.PRNGKey(k + 3 * n)
+    ks = jax.random.split(key, 3)
+    x = (2.0 * jax.random.normal(ks[0], (m, k), jnp.float32)).astype(dt)
+    gw = (1 + 0.1 * jax.random.normal(ks[1], (k,), jnp.float32)).astype(dt) if spec.get("norm") else None
+    res = jax.random.normal(ks[2], (m, n), jnp.float32).astype(dt) if spec.get("residual") else None
+    return x, gw, res
+
+
+def _unfused(x, p, s, mn, gw, res, act, g, kw):
+    """What the draft ran before: XLA RMSNorm, the kernel, XLA silu * up / residual add."""
+    from qspec_jax.model import rms_norm
+    h = rms_norm(x, gw, 1e-5) if gw is not None else x
+    y = int4_matmul(h, p, s, mn, group_size=g, **kw)
+    if act == "silu_mul":
+        gate, up = jnp.split(y, 2, axis=-1)
+        y = jax.nn.silu(gate) * up
+    return y if res is None else res + y
+
+
+def fused_ops(args):
+    """Check each fused form against int4_fused_reference on the device, then time it
+    against the unfused sequence (M = 1 and 2, bf16, G = 128)."""
+    g = 128
+    for m in (1, 2):
+        for name, k, n, spec in FUSED_OPS:
+            if over_deadline(args):
+                return
+            act = spec.get("act")
+            nw = 2 * n if act else n
+            rec = dict(op=name, m=m, k=k, n=n)
+            try:
+                rng = np.random.default_rng(k + n + m)
+                qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, nw), np.float32) * 0.02), g)
+                x, gw, res = _fused_inputs(m, k, n, spec)
+                fk = dict(norm_weight=gw, norm_eps=1e-5, residual=res, act=act)
+                y = int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, **fk)
+                with jax.default_matmul_precision("highest"):
+                    ref = int4_fused_reference(x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=g,
+                                               **fk)
+                rec["rel_fro"], rec["rel_max"] = rel_errs(y, ref)
+                rec["ok"] = rec["rel_fro"] < 1e-2
+                RESULTS["check"].append(dict(kernel="int4_fused", **rec))
+                packed, scale, mn = random_int4(jax.random.PRNGKey(k * 7 + nw), k, nw, g)
+                qbytes = int(packed.size + 2 * scale.size + 2 * mn.size)
+                sets = copies_of((packed, scale, mn), n_copies(qbytes, args.max_copies))
+                kw = mm_kwargs(args)
+                for tag, fn in (("fused", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, **fk, **kw)),
+                                ("unfused", lambda p, s, mn_: _unfused(x, p, s, mn_, gw, res, act, g, kw))):
+                    r = time_calls(fn, sets, reps=args.reps)
+                    rec[f"{tag}_s"], rec[f"{tag}_kernels"] = r["kernel_s"], r["kernels"]
+                rec["int4_bytes"] = qbytes
+                del sets
+            except Exception as e:
+                rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                rec["ok"] = False
+            RESULTS["fused"].append(rec)
+            log("fused", _short(rec))
+            dump(args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,6 +600,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write-docs", action="store_true", help="also write docs/bench_kernels.json")
     ap.add_argument("--sweep", action="store_true", help="small block-size sweep (after the checks)")
+    ap.add_argument("--fused", action="store_true", help="check and time the INT4 GEMV's fused forms")
+    ap.add_argument("--only-fused", action="store_true", help="--fused, and skip the other checks and tables")
     ap.add_argument("--smoke", action="store_true", help="tiny checks in interpret mode (runs on CPU)")
     ap.add_argument("--dry-run", action="store_true", help="tiny timings in interpret mode (CPU test of the script)")
     ap.add_argument("--mm-shapes", default=",".join(f"{k}x{n}" for k, n in MM_SHAPES), help="KxN,KxN,...")
@@ -572,6 +645,8 @@ def main():
     ap.add_argument("--at-unpack", default="auto")
     args = ap.parse_args()
     args.interpret = args.smoke or args.dry_run
+    if args.only_fused:
+        args.fused = args.skip_check = args.skip_main = True
     global PROFILE, CALLS_PER_JIT
     PROFILE = args.profile
     CALLS_PER_JIT = args.calls_per_jit
@@ -650,6 +725,8 @@ def main():
                     dump(args)
     for job in ((run_at, run_mm) if args.attn_first else (run_mm, run_at)):
         job()
+    if args.fused:
+        fused_ops(args)
     if args.sweep:
         sweep(args)
         dump(args)
@@ -682,6 +759,15 @@ def main():
             f"{r.get('time_s', nan) * 1e6:8.1f} {(r.get('kernel_s') or nan) * 1e6:8.1f} {r.get('kernels') or 0:3.0f} "
             f"{r.get('tb_s', nan):5.2f} {r.get('xla_s', nan) * 1e6:8.1f} {r.get('xla_tb_s', nan):5.2f} "
             f"{r.get('speedup', nan):7.2f}")
+    if RESULTS["fused"]:
+        log(f"{'fused GEMV (M, op)':>26} {'fused us':>9} {'k':>3} {'unfused us':>10} {'k':>3} {'TB/s':>5} {'rel_fro':>8}")
+        for r in RESULTS["fused"]:
+            if "fused_s" not in r:
+                log(f"{r['m']:>3} {r['op']:>22} ERROR {r.get('error', '')[:80]}")
+                continue
+            log(f"{r['m']:>3} {r['op']:>22} {r['fused_s'] * 1e6:9.1f} {r['fused_kernels'] or 0:3.0f} "
+                f"{r['unfused_s'] * 1e6:10.1f} {r['unfused_kernels'] or 0:3.0f} "
+                f"{r['int4_bytes'] / r['fused_s'] / 1e12:5.2f} {r.get('rel_fro', nan):8.1e}")
     if RESULTS["sweep"]:
         log("sweep (us per call; TB/s):")
         for r in RESULTS["sweep"]:

@@ -90,6 +90,8 @@ FUSED_CASES = [
     pytest.param(2, 512, 96, 128, jnp.bfloat16, dict(), id="M2-bf16"),
     pytest.param(1, 1024, 64, 32, jnp.float32, dict(split_k=3), id="M1-split3-XLA-finishes"),
     pytest.param(4, 300, 130, 64, jnp.float32, dict(), id="M4-dot-XLA-around"),
+    pytest.param(1, 640, 40, 64, jnp.float32, dict(split_k=1, groups_per_step=2, prefetch=True),
+                 id="M1-prefetch-5-steps-ragged"),
 ]
 
 
