@@ -3,7 +3,8 @@
 One layer's cache (see `qspec_jax.hier_cache`):
   k_upper, k_lower  uint8 [B, KVH, Sq, D/2]   key planes (channel j low nibble, j+D/2 high)
   k_scale, k_min    f16   [B, KVH, Sq/G, D]   per channel, per group of G tokens
-  v_upper, v_lower  uint8 [B, KVH, Sq, D/2]
+  v_upper, v_lower  uint8 [B, KVH, Sq/G, D/2, G] value planes in blocks of G tokens, token-minor
+                                              (`kv_quant.values_token_minor`; same nibble split)
   v_scale, v_min    f16   [B, KVH, Sq, D/Gv]  per token, per group of Gv channels
   buf_k, buf_v      [B, KVH, Sb, D]           full precision, slot i = position buf_start+i
 
@@ -51,7 +52,8 @@ def hier_attention_reference(q, k_upper, k_lower, k_scale, k_min, v_upper, v_low
     kl = k_lower if use_lower else None
     vl = v_lower if use_lower else None
     kq = kv_quant.dequantize_keys(k_upper, kl, k_scale, k_min, group_size)  # [B,KVH,Sq,D]
-    vq = kv_quant.dequantize_values(v_upper, vl, v_scale, v_min)
+    vq = kv_quant.dequantize_values(kv_quant.values_token_major(v_upper),
+                                    None if vl is None else kv_quant.values_token_major(vl), v_scale, v_min)
     qf = q.astype(jnp.float32).reshape(b, t, kvh, h // kvh, d) * sm_scale
     s_q = jnp.einsum("btkgd,bksd->bkgts", qf, kq)
     s_b = jnp.einsum("btkgd,bksd->bkgts", qf, buf_k.astype(jnp.float32))
@@ -169,9 +171,10 @@ def check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_mi
         if k_lower is None or v_lower is None:
             raise err("use_lower=True needs k_lower and v_lower")
         planes += [("k_lower", k_lower), ("v_lower", v_lower)]
-    for name, a in planes:
-        if a.shape != (b, kvh, sq, d // 2) or a.dtype != jnp.uint8:
-            raise err(f"{name} must be uint8 {(b, kvh, sq, d // 2)}, got {a.dtype} {a.shape}")
+    for name, a in planes:  # keys token-major, values in token-minor blocks of G
+        want = (b, kvh, sq, d // 2) if name[0] == "k" else (b, kvh, sq // group_size, d // 2, group_size)
+        if a.shape != want or a.dtype != jnp.uint8:
+            raise err(f"{name} must be uint8 {want}, got {a.dtype} {a.shape}")
     for name, a in (("k_scale", k_scale), ("k_min", k_min)):
         if a.shape != (b, kvh, sq // group_size, d):
             raise err(f"{name} must be {(b, kvh, sq // group_size, d)}, got {a.shape}")
@@ -259,6 +262,12 @@ def _attn_kernel(*refs, cfg):
             return ref[idx]
         return _plgpu.load(ref.at[idx], mask=valid[:, None], other=0)
 
+    def load_vcols(ref, grp, tt, size, c0, nc, valid=None):  # [nc, size] of the token-minor value block grp
+        idx = (bi, hi_, grp, _pl.ds(c0, nc), _pl.ds(tt - grp * g, size))
+        if valid is None:
+            return ref[idx]
+        return _plgpu.load(ref.at[idx], mask=valid[None, :], other=0)
+
     def load_tok_vec(ref, tt, size, col, valid=None):  # [size] f32 of ref[b, h, tt:tt+size, col]
         idx = (bi, hi_, _pl.ds(tt, size), jnp.asarray(col, jnp.int32))
         if valid is None:
@@ -293,8 +302,8 @@ def _attn_kernel(*refs, cfg):
         kl = load_rows(kl_ref, tt, tk, valid=valid) if use_lower else None
         vals = []
         for c in range(nch):
-            vu = load_rows(vu_ref, tt, tk, c * w, w, valid=valid)  # [tk, w] uint8
-            vl = load_rows(vl_ref, tt, tk, c * w, w, valid=valid) if use_lower else None
+            vu = load_vcols(vu_ref, grp, tt, tk, c * w, w, valid=valid)  # [w, tk] uint8
+            vl = load_vcols(vl_ref, grp, tt, tk, c * w, w, valid=valid) if use_lower else None
             vals.append((vu, vl))
         return kstats, ku, kl, vals
 
@@ -371,9 +380,9 @@ def _attn_kernel(*refs, cfg):
             for side in range(2):
                 oi = side * nch + c
                 pv, pv16 = pvs[gidx[out_cols[oi] // gv]]
-                o = _dot(pv, codes[side], precision=prec if magic is None else None)
+                o = _dot(pv, codes[side], trans_b=True, precision=prec if magic is None else None)
                 if pv16 is not None:
-                    o = o + _dot(pv16, lcodes[side])
+                    o = o + _dot(pv16, lcodes[side], trans_b=True)
                 acc[oi] = acc[oi] + o
         return m, l, acc, ex
 
@@ -461,9 +470,9 @@ def _attn_kernel(*refs, cfg):
 def resolve_defaults(use_lower: bool, block_k, num_stages, unpack):
     """Per-role block_k / num_stages / unpack where the caller left them None / "auto"."""
     if block_k is None:
-        block_k = 64 if use_lower else 128
+        block_k = 128  # verify too, since the values are token-minor (H100, session 7: 242.6 -> 208.1 us, 128K, T = 8)
     if num_stages is None:
-        num_stages = 4 if use_lower else 3  # verify: 4 stages (H100 sweep, session 6: 269 -> 237 us at 128K)
+        num_stages = 3
     if unpack == "auto" and use_lower:
         unpack = "cvt"
     return block_k, num_stages, unpack
@@ -491,8 +500,9 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     in registers). None means the per-role default measured best on the H100
     (scripts/bench_kernels.py sweep, 2026-11-25, docs/benchmarks.md):
       draft  (use_lower=False): block_k 128, num_stages 3, asm unpack (H200, session 5), no prefetch
-      target (use_lower=True):  block_k 64,  num_stages 4 (H100, session 6), cvt unpack (the
-                                magic/asm paths need twice the dots: 1.3-1.5x slower), no prefetch
+      target (use_lower=True):  block_k 128, num_stages 3 (H100, session 7, token-minor values),
+                                cvt unpack (the magic/asm paths need twice the dots: 1.3-1.5x
+                                slower), no prefetch
     fixed_splits: split the history by position instead of by the rows' lengths: chunks of
       capacity / num_splits tokens (num_splits None: max(1024, capacity / 128) tokens, so a
       row much shorter than the capacity still keeps the SMs busy) and one buffer program

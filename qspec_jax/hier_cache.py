@@ -41,8 +41,8 @@ class HierLayer:
     k_lower: Array  # uint8 [B, KVH, Sq, D/2]
     k_scale: Array  # f16 [B, KVH, Sq/G, D]
     k_min: Array  # f16 [B, KVH, Sq/G, D]
-    v_upper: Array  # uint8 [B, KVH, Sq, D/2]
-    v_lower: Array  # uint8 [B, KVH, Sq, D/2]
+    v_upper: Array  # uint8 [B, KVH, Sq/G, D/2, G] (token-minor blocks: kv_quant.values_token_minor)
+    v_lower: Array  # uint8 [B, KVH, Sq/G, D/2, G]
     v_scale: Array  # f16 [B, KVH, Sq, D/Gv]
     v_min: Array  # f16 [B, KVH, Sq, D/Gv]
     buf_k: Array  # [B, KVH, Sb, D] full precision
@@ -55,6 +55,19 @@ def buffer_start(lengths, group_size: int):
 
 def _slice_rows(x, start, size, axis):
     return jax.vmap(lambda r, s: jax.lax.dynamic_slice_in_dim(r, s, size, axis=axis - 1))(x, start)
+
+
+def _row_major(x):
+    """Pin x to the row-major layout. The value planes' updates are transposed blocks ([G, D/2]
+    -> [D/2, G]); left free, XLA's layout assignment made that transpose a bitcast by giving
+    its operand, and back through the quantization the buffers and the key planes in the
+    decode loop, a transposed layout, then copied the key planes back to row-major before
+    every verify kernel (H100, session 7: two 12.8 us plane transposes per layer per round at
+    32K, seen in the compiled round's HLO). Pinning the token-major block and the planes keeps
+    the transpose on the small block."""
+    from jax.experimental.layout import Layout, with_layout_constraint
+
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
 
 def _update_rows(x, upd, start, axis):
@@ -143,13 +156,16 @@ class HierCache:
         pad = ((0, 0), (0, 0), (0, tp - t), (0, 0))
         ku, kl, ks, km = kv_quant.quantize_keys(jnp.pad(kt, pad), g)
         vu, vl, vs, vm = kv_quant.quantize_values(jnp.pad(vt, pad), g)
-        z = (0, 0, 0, 0)
+        vu, vl = (kv_quant.values_token_minor(_row_major(p), g) for p in (vu, vl))
         dus = jax.lax.dynamic_update_slice
+
+        def z(a):
+            return (0,) * a.ndim
         lc = lc.replace(
-            k_upper=dus(lc.k_upper, ku, z), k_lower=dus(lc.k_lower, kl, z),
-            k_scale=dus(lc.k_scale, ks, z), k_min=dus(lc.k_min, km, z),
-            v_upper=dus(lc.v_upper, vu, z), v_lower=dus(lc.v_lower, vl, z),
-            v_scale=dus(lc.v_scale, vs, z), v_min=dus(lc.v_min, vm, z))
+            k_upper=dus(lc.k_upper, ku, z(ku)), k_lower=dus(lc.k_lower, kl, z(kl)),
+            k_scale=dus(lc.k_scale, ks, z(ks)), k_min=dus(lc.k_min, km, z(km)),
+            v_upper=_row_major(dus(lc.v_upper, vu, z(vu))), v_lower=_row_major(dus(lc.v_lower, vl, z(vl))),
+            v_scale=dus(lc.v_scale, vs, z(vs)), v_min=dus(lc.v_min, vm, z(vm)))
         bs = self.buf_start
         wide = ((0, 0), (0, 0), (0, sb), (0, 0))
         return lc.replace(buf_k=_slice_rows(jnp.pad(kt, wide), bs, sb, 2).astype(lc.buf_k.dtype),
@@ -181,16 +197,29 @@ class HierCache:
         vg = _slice_rows(lc.buf_v, off, g, 2)
         ku, kl, ks, km = kv_quant.quantize_keys(kg, g)
         vu, vl, vs, vm = kv_quant.quantize_values(vg, g)
+        vu, vl = (kv_quant.values_token_minor(_row_major(p), g) for p in (vu, vl))  # one block
 
         def put(store, upd, pos):
             cur = _slice_rows(store, pos, upd.shape[2], 2)
             sel = jnp.where(completes[:, None, None, None], upd.astype(store.dtype), cur)
             return _update_rows(store, sel, pos, 2)
 
+        def put_block(store, upd, grp):
+            """The value planes' block of G tokens: one in-place update per row. (A vmapped
+            dynamic_update_slice is a scatter, and on this 5-D layout XLA wrapped it in two
+            full-plane transposes per layer per flush: H100, session 7, +0.8 ms per round at 32K.)"""
+            for r in range(store.shape[0]):
+                at = (r, 0, grp[r], 0, 0)
+                cur = jax.lax.dynamic_slice(store, at, (1,) + upd.shape[1:])
+                sel = jnp.where(completes[r], upd[r:r + 1].astype(store.dtype), cur)
+                store = jax.lax.dynamic_update_slice(store, sel, at)
+            return store
+
         lc = lc.replace(
             k_upper=put(lc.k_upper, ku, start), k_lower=put(lc.k_lower, kl, start),
             k_scale=put(lc.k_scale, ks, start // g), k_min=put(lc.k_min, km, start // g),
-            v_upper=put(lc.v_upper, vu, start), v_lower=put(lc.v_lower, vl, start),
+            v_upper=_row_major(put_block(lc.v_upper, vu, start // g)),
+            v_lower=_row_major(put_block(lc.v_lower, vl, start // g)),
             v_scale=put(lc.v_scale, vs, start), v_min=put(lc.v_min, vm, start))
         shift = (bs_new - bs_old)[:, None, None, None] > 0
 
@@ -210,7 +239,8 @@ def init_hier_cache(config: LlamaConfig, batch: int, capacity: int, *, group_siz
     """An empty hierarchical cache for `capacity` tokens per row (`CacheSpec(kind="int8")` builds it).
 
     Per layer and for K and V: uint8 upper and lower 4-bit planes [batch, kv_heads,
-    capacity, head_dim/2], float16 scales/minima (keys per group of `group_size` tokens,
+    capacity, head_dim/2] (values in token-minor blocks [batch, kv_heads, capacity/G, head_dim/2,
+    G]), float16 scales/minima (keys per group of `group_size` tokens,
     values per token), and a full-precision buffer [batch, kv_heads, 2*group_size +
     spec_room (rounded up to 16), head_dim] in `dtype`. capacity must be a multiple of
     group_size (CacheSpec rounds it up for you).
@@ -235,7 +265,8 @@ def init_hier_cache(config: LlamaConfig, batch: int, capacity: int, *, group_siz
         return HierLayer(
             k_upper=z((sq, d // 2), jnp.uint8), k_lower=z((sq, d // 2), jnp.uint8),
             k_scale=z((sq // group_size, d), jnp.float16), k_min=z((sq // group_size, d), jnp.float16),
-            v_upper=z((sq, d // 2), jnp.uint8), v_lower=z((sq, d // 2), jnp.uint8),
+            v_upper=z((sq // group_size, d // 2, group_size), jnp.uint8),
+            v_lower=z((sq // group_size, d // 2, group_size), jnp.uint8),
             v_scale=z((sq, d // gv), jnp.float16), v_min=z((sq, d // gv), jnp.float16),
             buf_k=z((sb, d), dtype), buf_v=z((sb, d), dtype))
 

@@ -100,6 +100,25 @@ def quantize_values(v, group_size: int):
     return pack_halves(u), pack_halves(l), s[..., 0], mn[..., 0]
 
 
+def values_token_minor(planes, group_size: int):
+    """Value planes [..., T, D/2] -> the cache's layout [..., T/G, D/2, G] (T a multiple of G).
+
+    Attention contracts values over tokens: with a group's tokens contiguous per channel
+    byte, a GPU kernel reads consecutive tokens of one channel as 16-bit pairs (the tensor
+    core's B operand) instead of byte by byte (Nsight, H100 session 6: 64 one-byte
+    shared-memory loads per thread per tile). Blocks of G tokens keep the flush, which
+    writes one whole group, a write of one contiguous block (session 6's plain token-minor
+    [.., D/2, T] layout made XLA transpose the planes inside the decode loop)."""
+    *lead, t, h = planes.shape
+    return jnp.swapaxes(planes.reshape(*lead, t // group_size, group_size, h), -1, -2)
+
+
+def values_token_major(planes):
+    """The inverse of `values_token_minor`: [..., T/G, D/2, G] -> [..., T, D/2]."""
+    *lead, ng, h, g = planes.shape
+    return jnp.swapaxes(planes, -1, -2).reshape(*lead, ng * g, h)
+
+
 def dequantize_keys(upper, lower, scale, minimum, group_size: int):
     """Packed keys [..., T, D/2] + stats [..., T/G, D] -> float32 [..., T, D].
 

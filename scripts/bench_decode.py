@@ -183,6 +183,11 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
                 prof = profile_top(lambda: f(params, draft, at(cache, c), logits, key), rounds, top=args.profile_top)
                 prof.pop("_out")
                 o["round_profile"] = prof
+        if args.hlo_dir:  # the compiled round loop (fusion names of the round profile)
+            f = jax.jit(lambda *a: rounds_fn(*a).tokens)
+            text = f.lower(params, draft, at(cache, contexts[0]), logits, key).compile().as_text()
+            with open(os.path.join(args.hlo_dir, f"rounds_{args.shape}.hlo.txt"), "w") as fh:
+                fh.write(text)
     del cache
     if "stream" in args.parts:
         fp = CacheSpec(capacity=cap, kind="fp", dtype="bfloat16", spec_room=g + 1)

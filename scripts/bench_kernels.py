@@ -392,6 +392,7 @@ def quantized_case(rng, b, t, kvh, r, d, g, sq, sb, lens, dt):
     v = jnp.asarray(rng.standard_normal((b, kvh, sq, d)), jnp.float32)
     ku, kl, ks, km = kv_quant.quantize_keys(k, g)
     vu, vl, vs, vm = kv_quant.quantize_values(v, g)
+    vu, vl = kv_quant.values_token_minor(vu, g), kv_quant.values_token_minor(vl, g)
     bk_ = jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dt)
     bv_ = jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dt)
     lens = np.asarray(lens)
@@ -447,9 +448,10 @@ def attn_inputs(ctx, t, use_lower, *, g=128, kvh=8, r=4, d=128, sb=None):
     key = jax.random.PRNGKey(ctx + t)
     ks = jax.random.split(key, 8)
     sq = ctx
-    u8 = lambda kk: jax.random.bits(kk, (1, kvh, sq, d // 2), jnp.uint8)  # noqa: E731
-    ku, vu = u8(ks[0]), u8(ks[1])
-    kl, vl = (u8(ks[2]), u8(ks[3])) if use_lower else (ku, vu)
+    u8 = lambda kk, shape: jax.random.bits(kk, shape, jnp.uint8)  # noqa: E731
+    kshape, vshape = (1, kvh, sq, d // 2), (1, kvh, sq // g, d // 2, g)  # values: token-minor blocks of G
+    ku, vu = u8(ks[0], kshape), u8(ks[1], vshape)
+    kl, vl = (u8(ks[2], kshape), u8(ks[3], vshape)) if use_lower else (ku, vu)
     kst = lambda kk, shape: (0.01 + 0.1 * jax.random.uniform(kk, shape)).astype(jnp.float16)  # noqa: E731
     k_scale, k_min = kst(ks[4], (1, kvh, sq // g, d)), -kst(ks[5], (1, kvh, sq // g, d))
     v_scale, v_min = kst(ks[6], (1, kvh, sq, 1)), -kst(ks[7], (1, kvh, sq, 1))

@@ -59,12 +59,16 @@ def test_reference_attention_follows_the_view_rule(use_lower):
     vals = jnp.asarray(rng.standard_normal((b, kvh, sq, d)), jnp.float32)
     ku, kl, ks, km = kv_quant.quantize_keys(keys, g)
     vu, vl, vs, vm = kv_quant.quantize_values(vals, g)
+    np.testing.assert_array_equal(kv_quant.values_token_major(kv_quant.values_token_minor(vu, g)), vu)
+    vu_c, vl_c = kv_quant.values_token_minor(vu, g), kv_quant.values_token_minor(vl, g)  # the cache's layout
+    assert vu_c.shape == (b, kvh, sq // g, d // 2, g)
+    np.testing.assert_array_equal(vu_c[:, :, 1, 3, 5], vu[:, :, g + 5, 3])  # token 5 of group 1, byte 3
     buf_start = jnp.asarray([8, 16], jnp.int32)
     buf_k = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, sb, 1))(keys, buf_start)
     buf_v = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, sb, 1))(vals, buf_start)
     positions = jnp.asarray([[20, 21, 22, 23], [33, 34, 35, 36]], jnp.int32)
     q = jnp.asarray(rng.standard_normal((b, 4, h, d)), jnp.float32)
-    out = hier_attention_reference(q, ku, kl, ks, km, vu, vl, vs, vm, buf_k, buf_v, positions, buf_start,
+    out = hier_attention_reference(q, ku, kl, ks, km, vu_c, vl_c, vs, vm, buf_k, buf_v, positions, buf_start,
                                    group_size=g, use_lower=use_lower)
     kq = kv_quant.dequantize_keys(ku, kl if use_lower else None, ks, km, g)
     vq = kv_quant.dequantize_values(vu, vl if use_lower else None, vs, vm)
@@ -117,7 +121,7 @@ def test_cache_invariants_through_prefill_and_commits():
             np.testing.assert_array_equal(lc.k_lower[r:r + 1, :, : n_groups * g], kl)
             np.testing.assert_array_equal(lc.k_scale[r:r + 1, :, :n_groups], ks)
             vu, _, vs, _ = kv_quant.quantize_values(fp.v[0][r:r + 1, :, : n_groups * g], g)
-            np.testing.assert_array_equal(lc.v_upper[r:r + 1, :, : n_groups * g], vu)
+            np.testing.assert_array_equal(kv_quant.values_token_major(lc.v_upper[r:r + 1, :, :n_groups]), vu)
             n_buf = L[r] - bs[r]
             assert g <= n_buf < 2 * g or L[r] < g
             np.testing.assert_allclose(lc.buf_k[r, :, :n_buf], fp.k[0][r, :, bs[r]:L[r]], rtol=1e-5, atol=1e-5)

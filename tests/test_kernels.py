@@ -84,34 +84,34 @@ def test_int4_matmul_matches_reference(m, k, n, g, dtype, kw):
     assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)]
 
 
+ALL_FORMS = [(norm, act, res) for norm in (False, True) for act in (None, "silu_mul") for res in (False, True)]
+DECODER_FORMS = [(True, None, False), (True, "silu_mul", False), (False, None, True)]  # qkv, gate/up; o, down
 FUSED_CASES = [
-    # m, k, n_out, g, dtype, kernel kwargs; every case runs all 8 combinations of the three fused forms
-    pytest.param(1, 300, 130, 64, jnp.float32, dict(), id="M1-raggedK-raggedN"),
-    pytest.param(2, 512, 96, 128, jnp.bfloat16, dict(), id="M2-bf16"),
-    pytest.param(1, 1024, 64, 32, jnp.float32, dict(split_k=3), id="M1-split3-XLA-finishes"),
-    pytest.param(4, 300, 130, 64, jnp.float32, dict(), id="M4-dot-XLA-around"),
-    pytest.param(1, 640, 40, 64, jnp.float32, dict(split_k=1, groups_per_step=2, prefetch=True),
+    # m, k, n_out, g, dtype, kernel kwargs, (norm, act, residual) combinations
+    pytest.param(1, 300, 130, 64, jnp.float32, dict(), ALL_FORMS, id="M1-raggedK-raggedN"),
+    pytest.param(2, 512, 96, 128, jnp.bfloat16, dict(), DECODER_FORMS, id="M2-bf16"),
+    pytest.param(1, 1024, 64, 32, jnp.float32, dict(split_k=3), ALL_FORMS, id="M1-split3-XLA-finishes"),
+    pytest.param(4, 300, 130, 64, jnp.float32, dict(), DECODER_FORMS, id="M4-dot-XLA-around"),
+    pytest.param(1, 640, 40, 64, jnp.float32, dict(split_k=1, groups_per_step=2, prefetch=True), DECODER_FORMS,
                  id="M1-prefetch-5-steps-ragged"),
 ]
 
 
-@pytest.mark.parametrize("m,k,n,g,dtype,kw", FUSED_CASES)
-def test_int4_matmul_fused_forms_match_reference(m, k, n, g, dtype, kw):
+@pytest.mark.parametrize("m,k,n,g,dtype,kw,forms", FUSED_CASES)
+def test_int4_matmul_fused_forms_match_reference(m, k, n, g, dtype, kw, forms):
     """RMSNorm prologue, silu(gate) * up of paired columns, residual add: in the reduce
     kernel, around the dot kernel, and after a split-K sum."""
     rng = np.random.default_rng(k + n)
-    for norm in (False, True):
-        for act in (None, "silu_mul"):
-            for res in (False, True):
-                qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, 2 * n if act else n)), jnp.float32), g)
-                x = jnp.asarray(2.0 * rng.standard_normal((m, k)), dtype)  # mean square 4: the norm matters
-                fused = dict(norm_weight=jnp.asarray(1 + 0.3 * rng.standard_normal(k), dtype) if norm else None,
-                             residual=jnp.asarray(rng.standard_normal((m, n)), dtype) if res else None, act=act)
-                y = int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, interpret=True, **fused, **kw)
-                assert y.shape == (m, n) and y.dtype == x.dtype
-                ref = highest(int4_fused_reference, x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum,
-                              group_size=g, **fused)
-                assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)], (norm, act, res)
+    for norm, act, res in forms:
+        qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, 2 * n if act else n)), jnp.float32), g)
+        x = jnp.asarray(2.0 * rng.standard_normal((m, k)), dtype)  # mean square 4: the norm matters
+        fused = dict(norm_weight=jnp.asarray(1 + 0.3 * rng.standard_normal(k), dtype) if norm else None,
+                     residual=jnp.asarray(rng.standard_normal((m, n)), dtype) if res else None, act=act)
+        y = int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, interpret=True, **fused, **kw)
+        assert y.shape == (m, n) and y.dtype == x.dtype
+        ref = highest(int4_fused_reference, x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum,
+                      group_size=g, **fused)
+        assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)], (norm, act, res)
 
 
 def test_int4_fused_reference_is_the_unfused_composition():
@@ -306,6 +306,7 @@ def make_cache(rng, b, kvh, d, g, sq, sb, dtype):
     v = jnp.asarray(rng.standard_normal((b, kvh, sq, d)), jnp.float32)
     ku, kl, ks, km = kv_quant.quantize_keys(k, g)
     vu, vl, vs, vm = kv_quant.quantize_values(v, g)
+    vu, vl = kv_quant.values_token_minor(vu, g), kv_quant.values_token_minor(vl, g)  # the cache's layout
     buf_k = jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dtype)
     buf_v = jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dtype)
     return ku, kl, ks, km, vu, vl, vs, vm, buf_k, buf_v
@@ -386,6 +387,7 @@ def test_hier_attention_fixed_splits_make_a_query_independent_of_the_others(fixe
     hk, hv = (jnp.asarray(rng.standard_normal((b, kvh, sq, d)), jnp.float32) for _ in range(2))
     planes = kv_quant.quantize_keys(hk, g), kv_quant.quantize_values(hv, g)
     (ku, kl, ks, km), (vu, vl, vs, vm) = planes
+    vu, vl = kv_quant.values_token_minor(vu, g), kv_quant.values_token_minor(vl, g)
 
     def call(q, lengths, pos):  # buffer slot i holds position buf_start + i, as in the cache
         bst = g * np.maximum(lengths // g - 1, 0)
