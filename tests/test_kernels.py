@@ -90,7 +90,7 @@ FUSED_CASES = [
     # m, k, n_out, g, dtype, kernel kwargs, (norm, act, residual) combinations
     pytest.param(1, 300, 130, 64, jnp.float32, dict(), ALL_FORMS, id="M1-raggedK-raggedN"),
     pytest.param(2, 512, 96, 128, jnp.bfloat16, dict(), DECODER_FORMS, id="M2-bf16"),
-    pytest.param(1, 1024, 64, 32, jnp.float32, dict(split_k=3), ALL_FORMS, id="M1-split3-XLA-finishes"),
+    pytest.param(1, 1024, 64, 32, jnp.float32, dict(split_k=3), DECODER_FORMS, id="M1-split3-XLA-finishes"),
     pytest.param(4, 300, 130, 64, jnp.float32, dict(), DECODER_FORMS, id="M4-dot-XLA-around"),
     pytest.param(1, 640, 40, 64, jnp.float32, dict(split_k=1, groups_per_step=2, prefetch=True), DECODER_FORMS,
                  id="M1-prefetch-5-steps-ragged"),
@@ -148,7 +148,7 @@ def test_draft_forward_through_interpreted_kernels_matches_reference():
 
     cfg = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=160)
     draft = make_draft(tiny_params(cfg, seed=3, scale=0.1), DraftRecipe(group_size=32))
-    toks, _ = random_prompts(np.random.default_rng(0), [80, 80], cfg.vocab_size)
+    toks, _ = random_prompts(np.random.default_rng(0), [72, 72], cfg.vocab_size)
     b, n_prompt = toks.shape[0], 40
 
     def logits(opts):
