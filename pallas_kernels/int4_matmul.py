@@ -93,13 +93,21 @@ def int4_matmul_reference(x, packed, scale, minimum, *, group_size: int):
 ACTIVATIONS = (None, "silu_mul")
 
 
-def fused_prologue_scale(x, norm_weight, eps, k_true=None):
+def fused_prologue_scale(x, norm_weight, eps):
     """RMSNorm folded into a matmul: rms_norm(x) * g @ W = rsqrt(mean(x**2) + eps) * ((x * g) @ W).
     -> (x * g in float32, the per-row factor float32 [M, 1])."""
     xf = x.astype(jnp.float32)
-    k_true = xf.shape[-1] if k_true is None else k_true
-    inv = lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) / k_true + eps)
+    inv = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return xf * norm_weight.astype(jnp.float32), inv
+
+
+def normed_input(x, norm_weight, eps):
+    """x in x.dtype for the paths that apply the norm before a plain matmul (the tensor-core
+    kernel, dequantize + XLA dot); x itself when norm_weight is None."""
+    if norm_weight is None:
+        return x
+    xg, inv = fused_prologue_scale(x, norm_weight, eps)
+    return (xg * inv).astype(x.dtype)
 
 
 def fused_epilogue(y, *, act=None, residual=None):
@@ -504,11 +512,7 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
         raise Int4ShapeError(f"residual must be [M, N_out] = {(m, n_out)}, got shape {tuple(residual.shape)}")
     if path == "dot" and (norm_weight is not None or paired or residual is not None):
         # the tensor-core kernel has no fused forms: XLA does them around it
-        xin = x
-        if norm_weight is not None:
-            xg, inv = fused_prologue_scale(x, norm_weight, norm_eps)
-            xin = (xg * inv).astype(x.dtype)
-        y = int4_matmul(xin, packed, scale, minimum, group_size=group_size, block_n=block_n,
+        y = int4_matmul(normed_input(x, norm_weight, norm_eps), packed, scale, minimum, group_size=group_size, block_n=block_n,
                         groups_per_step=groups_per_step, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
                         path=path, magic=magic, asm=asm, interpret=interpret)
         return fused_epilogue(y.astype(jnp.float32), act=act, residual=residual).astype(x.dtype)
@@ -624,12 +628,8 @@ def int4_linear(x, qw, *, backend: str = "auto", interpret: bool = False, norm_w
         y = int4_fused_reference(x2, qw.packed, qw.scale, qw.minimum, group_size=qw.group_size, **fused)
     elif backend == "dequant":
         from qspec_jax.quant_weights import dequantize_weight
-        xin = x2
-        if norm_weight is not None:
-            xg, inv = fused_prologue_scale(x2, norm_weight, norm_eps)
-            xin = (xg * inv).astype(x.dtype)
         w = dequantize_weight(qw, x.dtype, out_major=True)  # [N, K]: the layout's orientation, no transpose
-        y = lax.dot_general(xin, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = lax.dot_general(normed_input(x2, norm_weight, norm_eps), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         y = fused_epilogue(y, act=act, residual=fused["residual"]).astype(x.dtype)
     else:
         raise ValueError(f"unknown backend {backend!r} (auto, pallas, reference, dequant)")

@@ -205,9 +205,11 @@ class HierCache:
             return _update_rows(store, sel, pos, 2)
 
         def put_block(store, upd, grp):
-            """The value planes' block of G tokens: one in-place update per row. (A vmapped
-            dynamic_update_slice is a scatter, and on this 5-D layout XLA wrapped it in two
-            full-plane transposes per layer per flush: H100, session 7, +0.8 ms per round at 32K.)"""
+            """The value planes' block of G tokens: one in-place update per row, instead of
+            `put`'s vmapped update (a scatter). Written while chasing plane-sized transposes
+            in the round that turned out to be layout propagation (`_row_major`), not the
+            scatter; this is the variant the session-7 H100 numbers were measured with.
+            `put` generalized to 5-D would do, once a GPU round A/B shows it costs the same."""
             for r in range(store.shape[0]):
                 at = (r, 0, grp[r], 0, 0)
                 cur = jax.lax.dynamic_slice(store, at, (1,) + upd.shape[1:])

@@ -243,14 +243,14 @@ def linear(x, w: Weight, opts: ForwardOptions = DEFAULT_OPTIONS, out_dtype=None)
 # composition runs, so the target's numbers never depend on this.
 
 
-def _fuses(x, w: Weight, opts: ForwardOptions) -> bool:
+def _fuses(w: Weight, opts: ForwardOptions) -> bool:
     return isinstance(w, QuantizedWeight) and opts.use_pallas() and not opts.exact_rows
 
 
 def norm_linear(x, norm_weight, eps: float, w: Weight, opts: ForwardOptions, act: str | None = None):
     """linear(rms_norm(x, norm_weight, eps), w), then act ("silu_mul": silu(gate) * up of the
     fused gate | up columns)."""
-    if _fuses(x, w, opts):
+    if _fuses(w, opts):
         from pallas_kernels.int4_matmul import int4_linear
 
         return int4_linear(x, w, norm_weight=norm_weight, norm_eps=eps, act=act, interpret=opts.interpret)
@@ -263,7 +263,7 @@ def norm_linear(x, norm_weight, eps: float, w: Weight, opts: ForwardOptions, act
 
 def linear_residual(x, w: Weight, residual, opts: ForwardOptions):
     """residual + linear(x, w)."""
-    if _fuses(x, w, opts):
+    if _fuses(w, opts):
         from pallas_kernels.int4_matmul import int4_linear
 
         return int4_linear(x, w, residual=residual, interpret=opts.interpret)

@@ -170,6 +170,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
         rounds_fn = functools.partial(speculative_from_prefill, config=config, gamma=g, max_new_tokens=n + 1,
                                       method=SpecMethod.quantspec(), cache_spec=spec, sampling=GREEDY, eos_ids=(),
                                       opts=opts)
+        rounds_tokens = jax.jit(lambda *a: rounds_fn(*a).tokens)  # one call of several rounds
         for o, c in zip(outs, contexts):
             res = rounds_fn(params, draft, at(cache, c), logits, key)
             rounds = int(res.stats.rounds[0])
@@ -178,14 +179,13 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             o["round_acceptance_random_weights"] = res.stats.summary(g)["acceptance_rate"]
             print(f"# ctx {c}: round {o['round_ms']:.3f} ms", flush=True)
             if args.profile:  # kernels per round: one jitted call of `rounds` rounds under the profiler
-                f = jax.jit(lambda *a: rounds_fn(*a).tokens)
-                jax.block_until_ready(f(params, draft, at(cache, c), logits, key))  # compile outside
-                prof = profile_top(lambda: f(params, draft, at(cache, c), logits, key), rounds, top=args.profile_top)
+                jax.block_until_ready(rounds_tokens(params, draft, at(cache, c), logits, key))  # compile outside
+                prof = profile_top(lambda: rounds_tokens(params, draft, at(cache, c), logits, key), rounds,
+                                   top=args.profile_top)
                 prof.pop("_out")
                 o["round_profile"] = prof
         if args.hlo_dir:  # the compiled round loop (fusion names of the round profile)
-            f = jax.jit(lambda *a: rounds_fn(*a).tokens)
-            text = f.lower(params, draft, at(cache, contexts[0]), logits, key).compile().as_text()
+            text = rounds_tokens.lower(params, draft, at(cache, contexts[0]), logits, key).compile().as_text()
             with open(os.path.join(args.hlo_dir, f"rounds_{args.shape}.hlo.txt"), "w") as fh:
                 fh.write(text)
     del cache
