@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax as _lax
 from jax.experimental import pallas as _pl
 
-from pallas_kernels.nibbles import CENTER, MAGIC16, nibbles16, ptx_available
+from pallas_kernels.nibbles import CENTER, CENTER8, MAGIC16, int8_codes_f16, nibbles16, ptx_available
 from qspec_jax import kv_quant
 
 try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
@@ -87,7 +87,8 @@ def hier_attention_reference(q, k_upper, k_lower, k_scale, k_min, v_upper, v_low
 #   q.k  = sum_c (q_c s_c) U_c + sum_c q_c mn_c        (key stats per channel / group)
 #   p.v  = sum_i (p_i sv_i) U_i + sum_i p_i mnv_i       (value stats per token / group)
 # with U the 4-bit code (draft) or 16U+L on the scale s/16 and minimum mn - s/2 (INT8
-# target). A tile only goes through nibble unpacking; "magic" unpacking turns a nibble
+# target). A tile only goes through nibble unpacking (the target, "int8": both planes' nibbles
+# straight into a float16 INT8 code, centered); "magic" unpacking turns a nibble
 # into a 16-bit float by bit operations (bf16 0x4300|c = 128+c); for keys the offset is
 # removed through the row sums of each tile, values are centered (c - 8, exact) because
 # their sums run over all tiles; the target then uses separate dots for the two planes.
@@ -209,7 +210,8 @@ def auto_num_splits(b: int, kvh: int, sq: int, block_k: int, rows: int) -> int:
 
 def _attn_kernel(*refs, cfg):
     (d, half, g, gv, w, nch, bk, tk, nsub, bkb, sq, n_splits, b_splits, mp, mrows, cdt, use_lower, magic,
-     mask_tail, prefetch, fixed_chunk, asm) = cfg
+     mask_tail, prefetch, fixed_chunk, asm, int8) = cfg
+    f16 = jnp.float16
     it = iter(refs)
     q_ref, qlen_ref, pos_ref, qmax_ref, bst_ref, brange_ref = (next(it) for _ in range(6))
     ku_ref = next(it)
@@ -325,8 +327,15 @@ def _attn_kernel(*refs, cfg):
         tok = tt + jnp.arange(tk, dtype=jnp.int32)
         if use_lower:  # INT8 code 16U + L on the scale s/16 and the minimum mn - s/2
             km_lo, km_hi = km_lo - 0.5 * ks_lo, km_hi - 0.5 * ks_hi
+        if int8:  # codes centered (c - 128): s/16 * c = s/16 * (c - 128) + 8 s
+            km_lo, km_hi = km_lo + 8.0 * ks_lo, km_hi + 8.0 * ks_hi
         bias_el = q_lo * km_lo[None, :] + q_hi * km_hi[None, :]
-        if magic is None:
+        if int8:
+            c_lo, c_hi = int8_codes_f16(ku, kl, asm=asm)
+            qs_lo = (q_lo * (ks_lo * (1.0 / 16.0))[None, :]).astype(f16)
+            qs_hi = (q_hi * (ks_hi * (1.0 / 16.0))[None, :]).astype(f16)
+            sc = _dot(qs_lo, c_lo, trans_b=True) + _dot(qs_hi, c_hi, trans_b=True)
+        elif magic is None:
             if use_lower:
                 c_lo, c_hi = combined(ku, kl)
                 qs_lo = (q_lo * (ks_lo * (1.0 / 16.0))[None, :]).astype(cdt)
@@ -356,7 +365,11 @@ def _attn_kernel(*refs, cfg):
         for gi, (sv, mv) in enumerate(vst):
             if use_lower:
                 mv = mv - 0.5 * sv
-            if magic is None:
+            if int8:  # centered codes: sv/16 * c = sv/16 * (c - 128) + 128 * sv/16
+                pv = (p * (sv * (1.0 / 16.0))[None, :]).astype(f16)
+                e = p * mv[None, :] + CENTER8 * pv.astype(f32)
+                pvs.append((pv, None))
+            elif magic is None:
                 pvs.append(((p * (sv * (1.0 / 16.0) if use_lower else sv)[None, :]).astype(cdt), None))
                 e = p * mv[None, :]
             else:  # centered value codes c - CENTER: sv * c = sv * (c - CENTER) + CENTER * sv
@@ -371,7 +384,10 @@ def _attn_kernel(*refs, cfg):
         acc = list(acc)
         for c in range(nch):
             vu, vl = vals[c]
-            if magic is None:
+            if int8:
+                codes = int8_codes_f16(vu, vl, asm=asm)
+                lcodes = (None, None)
+            elif magic is None:
                 codes = combined(vu, vl) if use_lower else unpack(vu)
                 lcodes = (None, None)
             else:
@@ -380,7 +396,7 @@ def _attn_kernel(*refs, cfg):
             for side in range(2):
                 oi = side * nch + c
                 pv, pv16 = pvs[gidx[out_cols[oi] // gv]]
-                o = _dot(pv, codes[side], trans_b=True, precision=prec if magic is None else None)
+                o = _dot(pv, codes[side], trans_b=True, precision=prec if magic is None and not int8 else None)
                 if pv16 is not None:
                     o = o + _dot(pv16, lcodes[side], trans_b=True)
                 acc[oi] = acc[oi] + o
@@ -473,8 +489,6 @@ def resolve_defaults(use_lower: bool, block_k, num_stages, unpack):
         block_k = 128  # verify too, since the values are token-minor (H100, session 7: 242.6 -> 208.1 us, 128K, T = 8)
     if num_stages is None:
         num_stages = 3
-    if unpack == "auto" and use_lower:
-        unpack = "cvt"
     return block_k, num_stages, unpack
 
 
@@ -494,15 +508,18 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     it). block_kb: buffer tokens per step. num_splits: programs per (row, KV head) over
     the quantized history (None: `auto_num_splits`). buffer_splits: programs over the
     buffer. unpack: "magic" / "asm" (magic through inline PTX, `pallas_kernels.nibbles`; with
-    use_lower one dot per plane) / "cvt" / "auto" ("asm" for the draft with bf16/f16 queries,
-    "cvt" for the target and for float32). prefetch:
+    use_lower one dot per plane) / "cvt" / "int8" (use_lower only: the INT8 code 16U + L of both
+    planes as a float16 `code - 128` by bit operations, `nibbles.int8_codes_f16`, one dot per
+    tile in float16) / "auto" ("asm" for the draft and "int8" for the target with bf16/f16
+    queries, "cvt" for float32). prefetch:
     load tile i+1 before computing tile i (software pipelining by hand, two tiles live
     in registers). None means the per-role default measured best on the H100
     (scripts/bench_kernels.py sweep, 2026-11-25, docs/benchmarks.md):
       draft  (use_lower=False): block_k 128, num_stages 3, asm unpack (H200, session 5), no prefetch
       target (use_lower=True):  block_k 128, num_stages 3 (H100, session 7, token-minor values),
-                                cvt unpack (the magic/asm paths need twice the dots: 1.3-1.5x
-                                slower), no prefetch
+                                int8 unpack (H100, session 8: T = 4 41.1 vs 55.7 us at 32K, 111.5
+                                vs 169.6 us at 128K against cvt; magic/asm need twice the dots),
+                                no prefetch
     fixed_splits: split the history by position instead of by the rows' lengths: chunks of
       capacity / num_splits tokens (num_splits None: max(1024, capacity / 128) tokens, so a
       row much shorter than the capacity still keeps the SMs busy) and one buffer program
@@ -528,12 +545,18 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     mrows = t * r
     mp = max(16, _next_pow2(mrows))
     cdt = jnp.dtype(q.dtype) if jnp.dtype(q.dtype) in MAGIC16 else jnp.dtype(jnp.float32)
-    if unpack == "auto":  # magic bits through inline PTX (H200, session 5: 112 vs 128 us at 128K)
+    if unpack == "auto" and use_lower:  # INT8 codes by bit operations into float16 (H100, session 8)
+        unpack = "int8" if cdt in MAGIC16 else "cvt"
+    elif unpack == "auto":  # magic bits through inline PTX (H200, session 5: 112 vs 128 us at 128K)
         unpack = "cvt" if cdt not in MAGIC16 else "asm" if interpret or ptx_available() else "magic"
-    if unpack not in ("magic", "asm", "cvt") or (unpack != "cvt" and cdt not in MAGIC16):
+    if unpack not in ("magic", "asm", "cvt", "int8") or (unpack in ("magic", "asm") and cdt not in MAGIC16):
         raise HierAttentionShapeError(f"unpack={unpack!r} not possible for q dtype {q.dtype}")
-    magic = None if unpack == "cvt" else MAGIC16[cdt]
-    asm = unpack == "asm" and not interpret  # interpret mode: the same bits through jnp
+    if unpack == "int8" and not use_lower:
+        raise HierAttentionShapeError("unpack='int8' reads both planes: it needs use_lower=True")
+    int8 = unpack == "int8"
+    magic = None if unpack in ("cvt", "int8") else MAGIC16[cdt]
+    # interpret mode: the same bits through jnp
+    asm = (unpack == "asm" or (int8 and ptx_available())) and not interpret
     if prefetch is None:
         prefetch = False
     tk = min(block_k, g)
@@ -568,7 +591,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                         jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
-           use_lower, magic, block_k > g, prefetch, fixed_chunk, asm)
+           use_lower, magic, block_k > g, prefetch, fixed_chunk, asm, int8)
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [
         k_scale, k_min, v_upper] + ([v_lower] if use_lower else []) + [v_scale, v_min, buf_k, buf_v]
     total = n_splits + buffer_splits

@@ -132,3 +132,50 @@ def nibbles_f32(p, *, asm: bool):
     hi = _asm(codes(("shl.b32 t, $4, 12;", "shl.b32 t, $4, 4;", "shr.b32 t, $4, 4;", "shr.b32 t, $4, 12;")),
               p, 4, jnp.int32)
     return lax.bitcast_convert_type(lo, jnp.float32), lax.bitcast_convert_type(hi, jnp.float32)
+
+
+CENTER8 = 128  # centered INT8 codes: code - 128 in [-128, 127]
+_F16_MAGIC = MAGIC16[jnp.dtype(jnp.float16)]
+_LOP_SELECT = "0xE4"  # lop3 truth table of (a & c) | (b & ~c): bits of a where c is set, else of b
+
+
+def int8_codes_f16(upper, lower, *, asm: bool):
+    """The INT8 code 16U + L of the hierarchical cache's two planes, as float16 `code - 128`
+    (exact), for both nibble positions: uint8 upper, lower (same shape) -> (lo, hi) float16, lo
+    from the low nibbles (16 (U & 15) + (L & 15)), hi from the high ones ((U & 0xF0) + (L >> 4)).
+
+    float16 is the 16-bit type whose mantissa holds 8 bits: bits 0x6400 | code = 1024 + code, so
+    the whole INT8 code becomes a float by bit operations and one exact packed fma that removes
+    1024 + 128; bfloat16 (7 mantissa bits) cannot do this. With `asm`, per four bytes of each
+    plane: one shift and one LOP3 assemble four codes, two PRMTs put them under the exponent
+    byte 0x64, two fma.rn.f16x2 center them (~1.5 instructions per code, against the widening,
+    masks, shifts and I2F conversions of the jnp form)."""
+    bits, off = _F16_MAGIC
+    if not asm:
+        u, lw = upper.astype(jnp.uint16), lower.astype(jnp.uint16)
+        codes = (((u & 0xF) << 4) | (lw & 0xF), (u & 0xF0) | (lw >> 4))
+        shift = jnp.asarray(off + CENTER8, jnp.float16)
+        return tuple((lax.bitcast_convert_type(c | bits, jnp.float16) - shift).astype(jnp.float16) for c in codes)
+    _, one, _ = _CENTER_FMA[jnp.dtype(jnp.float16)]
+    neg = _pair_bits(-(off + CENTER8), jnp.float16)
+
+    def src(assemble):
+        # $2 = four bytes of U, $3 = the same four bytes of L; t = the four codes, one per byte;
+        # t0 = [code0, 0x64, code1, 0x64] (PRMT selector: bytes 4.. are the constant k).
+        return f"""{{
+        .reg .b32 t, t0, t1, k, c1, c2;
+        {assemble}
+        mov.b32 k, 0x{bits >> 8:02X}{bits >> 8:02X}{bits >> 8:02X}{bits >> 8:02X};
+        prmt.b32 t0, t, k, 0x5140;
+        prmt.b32 t1, t, k, 0x5342;
+        mov.b32 c1, 0x{one:08X};
+        mov.b32 c2, 0x{neg:08X};
+        fma.rn.f16x2 $0, t0, c1, c2;
+        fma.rn.f16x2 $1, t1, c1, c2;
+        }}"""
+
+    lo = _asm(src(f"shl.b32 t, $2, 4;\n        lop3.b32 t, t, $3, 0xF0F0F0F0, {_LOP_SELECT};"),
+              upper, 2, jnp.int16, lower)
+    hi = _asm(src(f"shr.b32 t, $3, 4;\n        lop3.b32 t, $2, t, 0xF0F0F0F0, {_LOP_SELECT};"),
+              upper, 2, jnp.int16, lower)
+    return lax.bitcast_convert_type(lo, jnp.float16), lax.bitcast_convert_type(hi, jnp.float16)

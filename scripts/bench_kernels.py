@@ -425,7 +425,9 @@ def check_attention(args, kw_list, first=None):
                                                group_size=g, use_lower=use_lower)
             for kw in kw_list:
                 kw = dict(kw)
-                if kw.get("unpack") in ("magic", "asm") and dt == jnp.float32:
+                if kw.get("unpack") in ("magic", "asm", "int8") and dt == jnp.float32:
+                    kw["unpack"] = "auto"
+                if kw.get("unpack") == "int8" and not use_lower:  # both planes only
                     kw["unpack"] = "auto"
                 if kw.get("block_k") and (kw["block_k"] % g and g % kw["block_k"]):
                     kw["block_k"] = g
@@ -585,7 +587,8 @@ def sweep(args):
         else:
             roles = args.sweep_at_roles.split(",")
             for (ctx, t, lower) in ([(c, 1, False) for c in ctxs] if "draft" in roles else []) + (
-                    [(c, 8, True) for c in ctxs] if "verify" in roles else []):
+                    [(c, int(t), True) for t in args.sweep_verify_t.split(",") for c in ctxs]
+                    if "verify" in roles else []):
                 if over_deadline(args):
                     return
                 kw = at_kwargs(args, over)
@@ -620,6 +623,7 @@ def main():
     ap.add_argument("--sweep-jobs", default="", help='JSON [["mm"|"at", {overrides}], ...] instead of the built-in list')
     ap.add_argument("--sweep-at-roles", default="draft,verify",
                     help="attention roles the sweep times: draft (T=1, upper plane), verify (T=8, both planes)")
+    ap.add_argument("--sweep-verify-t", default="8", help="query tokens of the verify sweep (T = gamma + 1), T,T,...")
     ap.add_argument("--check-jobs", default="",
                     help='JSON [["mm"|"at", {overrides}], ...]: also check these variants on every case')
     ap.add_argument("--copy-mib", type=int, default=1024)

@@ -338,6 +338,10 @@ ATTN_CASES = [
                  [[180], [66]], id="t3-gqa2-d128-G32-f32-nch2"),
     pytest.param(1, 4, 2, 4, 128, 128, 512, 264, jnp.bfloat16, True, dict(unpack="magic"),
                  [[500], [130]], id="verify-gqa4-d128-G128-bf16-magic-two-plane-dots"),
+    pytest.param(2, 5, 2, 3, 64, 32, 256, 72, jnp.bfloat16, True, dict(block_k=64, unpack="int8"),
+                 [[249, 10], [63, 180]], id="verify-gqa3-d64-G32-bf16-int8-codes"),
+    pytest.param(1, 4, 1, 8, 128, 128, 512, 264, jnp.float16, True, dict(unpack="int8", num_splits=2),
+                 [[500], [255], [130]], id="verify-gqa8-d128-G128-f16-int8-codes"),
 ]
 
 

@@ -209,3 +209,41 @@ def test_interpreter_catches_a_wrong_selector(fake_triton, monkeypatch):
     got, _ = nibbles.nibbles16(p, jnp.bfloat16, asm=True)
     want, _ = nibbles.nibbles16(p, jnp.bfloat16, asm=False)
     assert not np.array_equal(_bits(got), _bits(want))
+
+
+def _plane_pairs_in_every_lane():
+    """Every (upper, lower) byte pair at each of the 4 positions of a word: 4 * 65536 bytes each."""
+    u = np.repeat(ALL_BYTES, 256)
+    lw = np.tile(ALL_BYTES, 256)
+    ups = np.concatenate([np.roll(u, s) for s in range(4)])
+    lows = np.concatenate([np.roll(lw, s) for s in range(4)])
+    return jnp.asarray(ups.reshape(-1, 64)), jnp.asarray(lows.reshape(-1, 64))
+
+
+def test_int8_codes_f16_jnp_gives_centered_int8_code():
+    u, lw = (np.asarray(a) for a in _plane_pairs_in_every_lane())
+    lo, hi = nibbles.int8_codes_f16(jnp.asarray(u), jnp.asarray(lw), asm=False)
+    assert lo.dtype == hi.dtype == jnp.float16
+    u, lw = u.astype(np.int32), lw.astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(lo, np.float32), 16 * (u & 15) + (lw & 15) - 128)
+    np.testing.assert_array_equal(np.asarray(hi, np.float32), (u & 0xF0) + (lw >> 4) - 128)
+
+
+def test_int8_codes_f16_ptx_matches_jnp(fake_triton):
+    u, lw = _plane_pairs_in_every_lane()
+    got = nibbles.int8_codes_f16(u, lw, asm=True)
+    want = nibbles.int8_codes_f16(u, lw, asm=False)
+    assert len(fake_triton.sources) == 2 and all("fma.rn.f16x2" in s for s in fake_triton.sources)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(_bits(g), _bits(w))
+
+
+def test_interpreter_catches_a_wrong_int8_select(fake_triton, monkeypatch):
+    """A LOP3 that takes the lower plane's bits where the upper's belong gives other codes."""
+    u, lw = _plane_pairs_in_every_lane()
+    real = nibbles._asm
+    monkeypatch.setattr(nibbles, "_asm", lambda src, *a, **k: real(src.replace("0xE4", "0xD8"), *a, **k))
+    got, _ = nibbles.int8_codes_f16(u, lw, asm=True)
+    want, _ = nibbles.int8_codes_f16(u, lw, asm=False)
+    assert not np.array_equal(_bits(got), _bits(want))
