@@ -93,7 +93,7 @@ def hier_attention_reference(q, k_upper, k_lower, k_scale, k_min, v_upper, v_low
 # removed through the row sums of each tile, values are centered (c - 8, exact) because
 # their sums run over all tiles; the target then uses separate dots for the two planes.
 # Each program writes an unnormalized partial output, its running max (log2 domain) and
-# its sum; XLA merges them.
+# its sum; `merge_partials` (one more small kernel) combines them.
 #
 # Value scale/min are loaded one tile ahead (too narrow for Triton's async copies), and the
 # constant terms are row sums: one per tile for keys, one running scalar per value group for
@@ -494,13 +494,13 @@ def resolve_defaults(use_lower: bool, block_k, num_stages, unpack):
 
 @_functools.partial(_jax.jit, static_argnames=(
     "group_size", "use_lower", "sm_scale", "block_k", "block_kb", "num_splits", "buffer_splits", "num_warps",
-    "num_stages", "unpack", "prefetch", "fixed_splits", "interpret"))
+    "num_stages", "unpack", "prefetch", "fixed_splits", "merge", "interpret"))
 def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scale, v_min, buf_k, buf_v,
                    positions, buf_start, *, group_size: int, use_lower: bool, sm_scale: float | None = None,
                    block_k: int | None = None, block_kb: int = 64, num_splits: int | None = None,
                    buffer_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                    unpack: str = "auto", prefetch: bool | None = None, fixed_splits: bool = False,
-                   interpret: bool = False):
+                   merge: str = "pallas", interpret: bool = False):
     """Pallas flash-decoding over the hierarchical cache; same contract as the reference.
 
     q [B, T, H, D] (T <= 16, H/KVH <= 8, D in {64, 128}), positions [B, T], buf_start [B].
@@ -527,7 +527,11 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
       on its position alone, and a tile masked for it adds exact zeros: with the same T
       (pad the queries) a query gets bitwise the same output whatever the other queries
       are (the exact mode of `ForwardOptions.fixed_rows`).
+    merge: how the splits' partial outputs are combined: "pallas" (`merge_partials`, one kernel
+      that also writes q.dtype in the [B, T, H, D] layout) or "xla" (max, then the weighted sums).
     """
+    if merge not in ("pallas", "xla"):
+        raise HierAttentionShapeError(f"merge must be 'pallas' or 'xla', got {merge!r}")
     block_k, num_stages, unpack = resolve_defaults(use_lower, block_k, num_stages, unpack)
     check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, positions,
                               buf_start, group_size=group_size, block_k=block_k, block_kb=block_kb,
@@ -595,10 +599,15 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [
         k_scale, k_min, v_upper] + ([v_lower] if use_lower else []) + [v_scale, v_min, buf_k, buf_v]
     total = n_splits + buffer_splits
+    # Partials padded to the merge kernel's blocks (pow2 splits; a last token's padded rows): the
+    # slots no program writes are never read unmasked.
+    s_alloc, rows_alloc = _next_pow2(total), max(mp, (t - 1) * r + _next_pow2(r))
+    if merge == "xla":
+        s_alloc, rows_alloc = total, mrows
     out_shape = [
-        _jax.ShapeDtypeStruct((b, kvh, total, mrows, d), jnp.float32),
-        _jax.ShapeDtypeStruct((b, kvh, total, mrows), jnp.float32),
-        _jax.ShapeDtypeStruct((b, kvh, total, mrows), jnp.float32),
+        _jax.ShapeDtypeStruct((b, kvh, s_alloc, rows_alloc, d), jnp.float32),
+        _jax.ShapeDtypeStruct((b, kvh, s_alloc, rows_alloc), jnp.float32),
+        _jax.ShapeDtypeStruct((b, kvh, s_alloc, rows_alloc), jnp.float32),
     ]
     params = None if interpret else _plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     o, m, l = _pl.pallas_call(
@@ -609,7 +618,9 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
         interpret=interpret,
         name="hier_attention",
     )(*args)
-    # LSE merge of the partials (log2 domain).
+    if merge == "pallas":
+        return merge_partials(o, m, l, total=total, t=t, r=r, out_dtype=q.dtype, interpret=interpret)
+    # LSE merge of the partials (log2 domain) in XLA: three fusions.
     m_all = jnp.max(m, axis=2, keepdims=True)
     wgt = jnp.exp2(m - m_all)
     den = jnp.sum(wgt * l, axis=2)
@@ -617,6 +628,66 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     out = num / jnp.where(den > 0, den, 1.0)[..., None]  # [B, KVH, T*R, D]
     out = out.reshape(b, kvh, t, r, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
     return out.astype(q.dtype)
+
+
+def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, total, s_pad, sc, r, r_pad, dblk):
+    """Program (b, KV head, token, channel block): that token's R query heads. The maximum over
+    all splits first (m is small), then the weighted sums over chunks of sc splits."""
+    bi, hi, ti, di = (_pl.program_id(i) for i in range(4))
+    f32 = jnp.float32
+    rows = _pl.ds(ti * r, r_pad)
+    cols = _pl.ds(di * dblk, dblk)
+    rmask = jnp.arange(r_pad, dtype=jnp.int32) < r
+
+    def stats(ref, s0, n, other):
+        ok = ((s0 + jnp.arange(n, dtype=jnp.int32)) < total)[:, None] & rmask[None, :]
+        return _plgpu.load(ref.at[bi, hi, _pl.ds(s0, n), rows], mask=ok, other=other)  # [n, r_pad]
+
+    m_top = jnp.max(stats(m_ref, 0, s_pad, NEG_INF), axis=0)  # [r_pad]
+    den = jnp.zeros((r_pad,), f32)
+    num = jnp.zeros((r_pad, dblk), f32)
+    for s0 in range(0, s_pad, sc):
+        wgt = jnp.exp2(stats(m_ref, s0, sc, NEG_INF) - m_top[None, :])  # masked: m = NEG_INF, l = o = 0
+        den = den + jnp.sum(wgt * stats(l_ref, s0, sc, 0.0), axis=0)
+        ok = ((s0 + jnp.arange(sc, dtype=jnp.int32)) < total)[:, None, None] & rmask[None, :, None]
+        o = _plgpu.load(o_ref.at[bi, hi, _pl.ds(s0, sc), rows, cols], mask=ok, other=0.0)  # [sc, r_pad, dblk]
+        num = num + jnp.sum(wgt[:, :, None] * o, axis=0)
+    out = (num / jnp.where(den > 0, den, 1.0)[:, None]).astype(out_ref.dtype)
+    if r_pad == r:  # out [B, T, H, D]: query head hi * R + j
+        out_ref[bi, ti, _pl.ds(hi * r, r), cols] = out
+    else:  # out [B, T, KVH, r_pad, D], the caller drops the padding heads
+        out_ref[bi, ti, hi, :, cols] = out
+
+
+def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, interpret: bool = False):
+    """The splits' partial outputs o [B, KVH, S', rows', D] (unnormalized; splits >= total and
+    rows >= T * R are padding), running maxima m (log2 domain) and sums l [B, KVH, S', rows']
+    -> the attention output [B, T, KVH * R, D] in out_dtype.
+
+    One kernel instead of XLA's three fusions (max, the weights, the weighted sums, ~4.7 us per
+    call on the H100) that also writes the caller's layout and dtype. Each program reads its
+    rows' [S, R, 32] slice of the partials, so there are B * KVH * T * D/32 programs (session 6's
+    merge kernel, one program per row and KV head, lost to XLA). A row's output depends on its
+    own partials only, in a fixed order: the exact mode's row invariance holds."""
+    b, kvh, s_alloc, rows_alloc, d = o.shape
+    r_pad = _next_pow2(r)
+    s_pad = _next_pow2(total)
+    if s_alloc < s_pad or rows_alloc < (t - 1) * r + r_pad:
+        raise HierAttentionShapeError(f"partials {o.shape} too small for {total} splits, T={t}, R={r}")
+    dblk = min(d, 32)
+    sc = min(s_pad, max(1, 8192 // (r_pad * dblk)))
+    shape = (b, t, kvh * r, d) if r_pad == r else (b, t, kvh, r_pad, d)
+    out = _pl.pallas_call(
+        _functools.partial(_merge_kernel, total=total, s_pad=s_pad, sc=sc, r=r, r_pad=r_pad, dblk=dblk),
+        grid=(b, kvh, t, d // dblk),
+        out_shape=_jax.ShapeDtypeStruct(shape, out_dtype),
+        compiler_params=None if interpret else _plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="hier_attention_merge",
+    )(o, m, l)
+    if r_pad != r:
+        out = out[:, :, :, :r].reshape(b, t, kvh * r, d)
+    return out
 
 
 def _on_gpu() -> bool:

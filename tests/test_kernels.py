@@ -476,3 +476,20 @@ def test_sass_summary_reads_ncu_source_csv(tmp_path, capsys):
     assert "wait 70%" in out and "long_sb 30%" in out  # samples by reason, Not-Issued columns left out
     fmul = [line for line in out.splitlines() if line.startswith("FMUL")][0].split()
     assert fmul[1:] == ["49.9", "64.4", "2"]  # 1600 of 3204 executed, 65 of 101 samples; @!P0 FMUL is an FMUL
+
+
+@pytest.mark.parametrize("t,r", [(5, 3), (2, 4)])
+def test_hier_attention_merge_kernel_matches_xla_merge(t, r):
+    """The Pallas merge of the splits (`merge_partials`: pow2-padded splits, padded heads for
+    R = 3) against XLA's max-then-sums merge, on the same partials (3 splits + 2 buffer ones)."""
+    rng = np.random.default_rng(40 + r)
+    b, kvh, d, g, sq, sb = 2, 2, 64, 32, 256, 72
+    cache = make_cache(rng, b, kvh, d, g, sq, sb, jnp.float32)
+    q = jnp.asarray(rng.standard_normal((b, t, kvh * r, d)), jnp.float32)
+    pos, bst = rows_at([200, 61], t, g)
+    outs = [hier_attention(q, *cache, pos, bst, group_size=g, use_lower=True, block_k=32, num_splits=3,
+                           buffer_splits=2, merge=mg, interpret=True) for mg in ("pallas", "xla")]
+    assert outs[0].shape == outs[1].shape == q.shape
+    np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=2e-6, atol=2e-6)
+    with pytest.raises(HierAttentionShapeError, match="merge"):
+        hier_attention(q, *cache, pos, bst, group_size=g, use_lower=True, merge="cuda", interpret=True)
