@@ -100,9 +100,9 @@ def hier_attention_reference(q, k_upper, k_lower, k_scale, k_min, v_upper, v_low
 # values (added after the loop, which is why value codes are centered).
 #
 # Status: correct on the GPU for all tested shapes (scripts/bench_kernels.py checks). Speed
-# (device time per call, Llama-3.1-8B layer, H100, session 6): draft (T=1, upper plane) 33.0 us
-# at 32K, 96.6 us at 128K (1.48 TB/s); verify (T=8, both planes, cvt, 4 stages) 74.9 / 237.3
-# us. docs/benchmarks.md has the tables.
+# (device time per call with the merge, Llama-3.1-8B layer, H100, session 8): draft (T=1, upper
+# plane) 29.3 us at 32K, 86.7 us at 128K (1.65 TB/s); verify (T=8, both planes, int8 codes)
+# 54.9 / 163.0 us. docs/benchmarks.md has the tables.
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (64, 128)
