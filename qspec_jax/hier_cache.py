@@ -199,29 +199,16 @@ class HierCache:
         vu, vl, vs, vm = kv_quant.quantize_values(vg, g)
         vu, vl = (kv_quant.values_token_minor(_row_major(p), g) for p in (vu, vl))  # one block
 
-        def put(store, upd, pos):
+        def put(store, upd, pos):  # along axis 2: tokens, key groups, or value blocks (5-D)
             cur = _slice_rows(store, pos, upd.shape[2], 2)
-            sel = jnp.where(completes[:, None, None, None], upd.astype(store.dtype), cur)
+            sel = jnp.where(completes.reshape((-1,) + (1,) * (upd.ndim - 1)), upd.astype(store.dtype), cur)
             return _update_rows(store, sel, pos, 2)
-
-        def put_block(store, upd, grp):
-            """The value planes' block of G tokens: one in-place update per row, instead of
-            `put`'s vmapped update (a scatter). Written while chasing plane-sized transposes
-            in the round that turned out to be layout propagation (`_row_major`), not the
-            scatter; this is the variant the session-7 H100 numbers were measured with.
-            `put` generalized to 5-D would do, once a GPU round A/B shows it costs the same."""
-            for r in range(store.shape[0]):
-                at = (r, 0, grp[r], 0, 0)
-                cur = jax.lax.dynamic_slice(store, at, (1,) + upd.shape[1:])
-                sel = jnp.where(completes[r], upd[r:r + 1].astype(store.dtype), cur)
-                store = jax.lax.dynamic_update_slice(store, sel, at)
-            return store
 
         lc = lc.replace(
             k_upper=put(lc.k_upper, ku, start), k_lower=put(lc.k_lower, kl, start),
             k_scale=put(lc.k_scale, ks, start // g), k_min=put(lc.k_min, km, start // g),
-            v_upper=_row_major(put_block(lc.v_upper, vu, start // g)),
-            v_lower=_row_major(put_block(lc.v_lower, vl, start // g)),
+            v_upper=_row_major(put(lc.v_upper, vu, start // g)),
+            v_lower=_row_major(put(lc.v_lower, vl, start // g)),
             v_scale=put(lc.v_scale, vs, start), v_min=put(lc.v_min, vm, start))
         shift = (bs_new - bs_old)[:, None, None, None] > 0
 
