@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.hier_attention import hier_attention_reference
+from pallas_kernels.hier_attention import hier_attention_reference, quantized_prefix
 from qspec_jax import kv_quant
 from qspec_jax.attention import causal_prefill_attention
 from qspec_jax.config import LlamaConfig
@@ -129,7 +129,9 @@ class HierCache:
 
     def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts):
         g = self.group_size
-        if opts.use_pallas() and not opts.exact_rows:
+        if opts.exact_rows:
+            return per_query(self._aligned_reference(lc, bs, use_lower), q, positions)
+        if opts.use_pallas():
             from pallas_kernels.hier_attention import hier_attention_auto
 
             fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
@@ -140,9 +142,28 @@ class HierCache:
             fn = lambda qq, pp: hier_attention_reference(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
                 lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower)
-        if opts.exact_rows:
-            return per_query(fn, q, positions)
         return fn(q, positions)
+
+    def _aligned_reference(self, lc: HierLayer, bs, use_lower):
+        """The reference attention of one query [B, 1] (exact_rows), reading the buffer from the
+        query's own Q(p) instead of buf_start.
+
+        A verify pass that crosses a group boundary runs before that group's flush, so its query
+        at p finds the window [Q(p), p] G slots further into the buffer than the autoregressive
+        step at p does (after the flush), and the sums over buffer slots rounded differently
+        (measured on CPU: a last-bit difference in layer 0's attention output). Slicing the
+        buffer at Q(p) - buf_start (0..G) gives every program one layout per query position."""
+        g, sb = self.group_size, self.buffer_slots
+        wide = ((0, 0), (0, 0), (0, g), (0, 0))
+        buf_k, buf_v = jnp.pad(lc.buf_k, wide), jnp.pad(lc.buf_v, wide)
+
+        def fn(qq, pp):
+            start = quantized_prefix(pp[:, 0], g)
+            bk, bv = (_slice_rows(b, start - bs, sb, 2) for b in (buf_k, buf_v))
+            return hier_attention_reference(
+                qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
+                lc.v_min, bk, bv, pp, start, group_size=g, use_lower=use_lower)
+        return fn
 
     # -- filling and flushing --------------------------------------------------------
 

@@ -297,8 +297,8 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
         if layer.bqkv is not None:
             qkv = qkv + layer.bqkv
         q, k, v = split_columns(qkv, qkv_sizes(config))
-        q = apply_rope(q.reshape(b, t, config.num_heads, hd), cos, sin)
-        k = apply_rope(k.reshape(b, t, config.num_kv_heads, hd), cos, sin)
+        q = apply_rope(q.reshape(b, t, config.num_heads, hd), cos, sin, exact=opts.exact_rows)
+        k = apply_rope(k.reshape(b, t, config.num_kv_heads, hd), cos, sin, exact=opts.exact_rows)
         v = v.reshape(b, t, config.num_kv_heads, hd)
         attn, cache = cache.attend(n, q, k, v, positions, prefill=prefill, view=view, opts=opts)
         x = linear_residual(attn.reshape(b, t, -1), layer.wo, x, opts)

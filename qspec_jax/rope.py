@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -74,10 +75,18 @@ def rope_tables(config: LlamaConfig, positions):
     return jnp.cos(ang) * attn, jnp.sin(ang) * attn
 
 
-def apply_rope(x, cos, sin):
-    """x [B, T, heads, D]; cos/sin [B, T, D]. Computed in float32, returns x.dtype."""
+def apply_rope(x, cos, sin, *, exact: bool = False):
+    """x [B, T, heads, D]; cos/sin [B, T, D]. Computed in float32, returns x.dtype.
+
+    exact (ForwardOptions.exact_rows): round both products before the add."""
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rot * sin[:, :, None, :]
-    return out.astype(x.dtype)
+    a, b = xf * cos[:, :, None, :], rot * sin[:, :, None, :]
+    if exact:
+        # XLA's CPU backend contracts a + b into an FMA, and which product it fused differed
+        # between the autoregressive and the speculative program (1-ulp differences in the K
+        # written to the cache; docs/design.md "Exactness on CPU"). Behind the barrier both
+        # products are rounded and the add is a plain add in every program.
+        a, b = jax.lax.optimization_barrier((a, b))
+    return (a + b).astype(x.dtype)
