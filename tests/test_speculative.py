@@ -48,8 +48,9 @@ lengths_st = st.lists(st.one_of(st.integers(1, WIDTH), st.sampled_from([16, 32])
 # The example is session 7's counterexample (scripts/repro_cpu_exact_gap.py): a near-tie of
 # 4.4e-4 in the INT8 target's logits at position 129 (row 2) flipped because the two programs
 # rounded rope and the buffer's attention sums differently (docs/design.md, "Exactness on CPU").
-# Random draws again now that both are fixed (a fixed example set while the gap was open).
-@settings(max_examples=11, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize keeps CI deterministic (a landing must not depend on a draw); the randomized,
+# logits-level check over many more cases is scripts/sweep_cpu_exactness.py.
+@settings(max_examples=11, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(gamma=st.integers(1, 8), lengths=lengths_st, seed=st.integers(0, 2**16))
 @example(gamma=1, lengths=[1, 1, 33], seed=264)
 def test_greedy_speculative_equals_autoregressive_int8(gamma, lengths, seed):
