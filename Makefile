@@ -22,5 +22,6 @@ model: setup
 run: model
 	$(PY) scripts/generate.py --speculative --chat --max-new-tokens 200 --prompt "$(PROMPT)"
 
+# two workers (pytest-xdist): the CI machine has 2 cores; 12.4 vs 17.4 min for the suite (2026-11-26)
 test: model
-	QSPEC_REQUIRE_DEFAULT_MODEL=1 $(PY) -m pytest -q tests
+	QSPEC_REQUIRE_DEFAULT_MODEL=1 $(PY) -m pytest -q -n 2 tests

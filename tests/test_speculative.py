@@ -84,34 +84,41 @@ def test_fixed_rows_makes_a_verify_pass_bitwise_equal_to_one_token_steps():
     """Without exact_rows, fixed_rows alone makes a T-token forward give the logits of T
     jitted one-token steps bit for bit (unpadded they differ by ~1e-6: XLA's [T, K] dots);
     this is what makes the mode exact on the GPU, where exact_rows is too slow."""
+    # hidden 256: XLA's CPU dot rounds [1, 256] @ W and row i of [T, 256] @ W differently
+    # (at K = 64, as in CFG, it does not), so this fails if any matmul goes unpadded
+    cfg = tiny_config(vocab_size=512, hidden_size=256, intermediate_size=512, head_dim=32, num_heads=8)
+    ver, steps = verify_pass_and_steps(tiny_params(cfg, seed=3, scale=0.15), cfg, FIXED, ForwardOptions())
+    np.testing.assert_array_equal(np.asarray(ver), np.asarray(steps))
+
+
+def verify_pass_and_steps(params, cfg, opts, prefill_opts):
+    """Target logits [3, 6, vocab] of 6 fed tokens, from one jitted 6-token verify pass and from
+    6 jitted one-token steps with commits (two separately compiled programs, as the two decoders
+    are). Rows: 30 + 6 and 40 + 6 tokens cross a group boundary, so the steps flush in between."""
     from qspec_jax.generate import prefill_cache
     from qspec_jax.hier_cache import TARGET as TARGET_VIEW
     from qspec_jax.model import forward, lm_logits
 
-    # hidden 256: XLA's CPU dot rounds [1, 256] @ W and row i of [T, 256] @ W differently
-    # (at K = 64, as in CFG, it does not), so this fails if any matmul goes unpadded
-    cfg = tiny_config(vocab_size=512, hidden_size=256, intermediate_size=512, head_dim=32, num_heads=8)
-    params = tiny_params(cfg, seed=3, scale=0.15)
     toks, lens = random_prompts(np.random.default_rng(7), [30, 15, 40], cfg.vocab_size, WIDTH)
     feed = jnp.asarray(np.random.default_rng(8).integers(0, cfg.vocab_size, (3, 6)), jnp.int32)
-    _, cache0 = prefill_cache(params, cfg, toks, lens, cache_spec=INT8)
+    _, cache0 = prefill_cache(params, cfg, toks, lens, cache_spec=INT8, opts=prefill_opts)
 
     @jax.jit
     def verify(cache, feed):
         pos = cache.lengths[:, None] + jnp.arange(feed.shape[1])
-        return lm_logits(params, forward(params, cfg, feed, pos, cache, view=TARGET_VIEW, opts=FIXED)[0], FIXED)
+        return lm_logits(params, forward(params, cfg, feed, pos, cache, view=TARGET_VIEW, opts=opts)[0], opts)
 
     @jax.jit
     def step(cache, tok):
-        h, cache = forward(params, cfg, tok, cache.lengths[:, None], cache, view=TARGET_VIEW, opts=FIXED)
-        return lm_logits(params, h, FIXED)[:, 0], cache.commit(cache.lengths + 1)
+        h, cache = forward(params, cfg, tok, cache.lengths[:, None], cache, view=TARGET_VIEW, opts=opts)
+        return lm_logits(params, h, opts)[:, 0], cache.commit(cache.lengths + 1)
 
     ver = verify(cache0, feed)
     cache, steps = cache0, []
-    for i in range(feed.shape[1]):  # 30 + 6 and 40 + 6 cross a group boundary: a flush in between
+    for i in range(feed.shape[1]):
         logits, cache = step(cache, feed[:, i:i + 1])
         steps.append(logits)
-    np.testing.assert_array_equal(np.asarray(ver), np.asarray(jnp.stack(steps, axis=1)))
+    return ver, jnp.stack(steps, axis=1)
 
 
 def test_exact_rows_verify_pass_bitwise_equals_one_token_steps_across_a_flush():
@@ -119,30 +126,8 @@ def test_exact_rows_verify_pass_bitwise_equals_one_token_steps_across_a_flush():
     one-token steps with commits (row 0, 30 + 6 tokens, crosses a group boundary, so the steps
     flush in between). Failed before the two fixes: every logit differed in the last bits
     (rope's FMA contraction), then positions 32..35 of row 0 (the buffer read at another offset)."""
-    from qspec_jax.generate import prefill_cache
-    from qspec_jax.hier_cache import TARGET as TARGET_VIEW
-    from qspec_jax.model import forward, lm_logits
-
-    toks, lens = random_prompts(np.random.default_rng(7), [30, 15, 40], CFG.vocab_size, WIDTH)
-    feed = jnp.asarray(np.random.default_rng(8).integers(0, CFG.vocab_size, (3, 6)), jnp.int32)
-    _, cache0 = prefill_cache(TARGET, CFG, toks, lens, cache_spec=INT8, opts=EXACT)
-
-    @jax.jit
-    def verify(cache, feed):
-        pos = cache.lengths[:, None] + jnp.arange(feed.shape[1])
-        return lm_logits(TARGET, forward(TARGET, CFG, feed, pos, cache, view=TARGET_VIEW, opts=EXACT)[0], EXACT)
-
-    @jax.jit
-    def step(cache, tok):
-        h, cache = forward(TARGET, CFG, tok, cache.lengths[:, None], cache, view=TARGET_VIEW, opts=EXACT)
-        return lm_logits(TARGET, h, EXACT)[:, 0], cache.commit(cache.lengths + 1)
-
-    ver = verify(cache0, feed)
-    cache, steps = cache0, []
-    for i in range(feed.shape[1]):
-        logits, cache = step(cache, feed[:, i:i + 1])
-        steps.append(logits)
-    np.testing.assert_array_equal(np.asarray(ver), np.asarray(jnp.stack(steps, axis=1)))
+    ver, steps = verify_pass_and_steps(TARGET, CFG, EXACT, EXACT)
+    np.testing.assert_array_equal(np.asarray(ver), np.asarray(steps))
 
 
 @pytest.mark.parametrize("gamma", [2, 8])
