@@ -211,7 +211,6 @@ def auto_num_splits(b: int, kvh: int, sq: int, block_k: int, rows: int) -> int:
 def _attn_kernel(*refs, cfg):
     (d, half, g, gv, w, nch, bk, tk, nsub, bkb, sq, n_splits, b_splits, mp, mrows, cdt, use_lower, magic,
      mask_tail, prefetch, fixed_chunk, asm, int8) = cfg
-    f16 = jnp.float16
     it = iter(refs)
     q_ref, qlen_ref, pos_ref, qmax_ref, bst_ref, brange_ref = (next(it) for _ in range(6))
     ku_ref = next(it)
@@ -224,6 +223,8 @@ def _attn_kernel(*refs, cfg):
     f32 = jnp.float32
     bi, hi_, si = _pl.program_id(0), _pl.program_id(1), _pl.program_id(2)
     prec = _lax.Precision.HIGHEST if cdt == jnp.dtype(jnp.float32) else None
+    # dtype and precision of the dots over whole codes (magic is None: cvt, or int8 in float16)
+    pdt, pprec = (jnp.dtype(jnp.float16), None) if int8 else (cdt, prec)
     qlen = qlen_ref[bi, :]  # [mp] int32
     pos = pos_ref[bi, :]
     qmax = qmax_ref[bi]
@@ -330,21 +331,15 @@ def _attn_kernel(*refs, cfg):
         if int8:  # codes centered (c - 128): s/16 * c = s/16 * (c - 128) + 8 s
             km_lo, km_hi = km_lo + 8.0 * ks_lo, km_hi + 8.0 * ks_hi
         bias_el = q_lo * km_lo[None, :] + q_hi * km_hi[None, :]
-        if int8:
-            c_lo, c_hi = int8_codes_f16(ku, kl, asm=asm)
-            qs_lo = (q_lo * (ks_lo * (1.0 / 16.0))[None, :]).astype(f16)
-            qs_hi = (q_hi * (ks_hi * (1.0 / 16.0))[None, :]).astype(f16)
-            sc = _dot(qs_lo, c_lo, trans_b=True) + _dot(qs_hi, c_hi, trans_b=True)
-        elif magic is None:
+        if magic is None:  # whole codes: 0..15, 16U + L (cvt) or 16U + L - 128 (int8)
             if use_lower:
-                c_lo, c_hi = combined(ku, kl)
-                qs_lo = (q_lo * (ks_lo * (1.0 / 16.0))[None, :]).astype(cdt)
-                qs_hi = (q_hi * (ks_hi * (1.0 / 16.0))[None, :]).astype(cdt)
+                c_lo, c_hi = int8_codes_f16(ku, kl, asm=asm) if int8 else combined(ku, kl)
+                ks_lo, ks_hi = ks_lo * (1.0 / 16.0), ks_hi * (1.0 / 16.0)
             else:
                 c_lo, c_hi = unpack(ku)
-                qs_lo = (q_lo * ks_lo[None, :]).astype(cdt)
-                qs_hi = (q_hi * ks_hi[None, :]).astype(cdt)
-            sc = _dot(qs_lo, c_lo, trans_b=True, precision=prec) + _dot(qs_hi, c_hi, trans_b=True, precision=prec)
+            qs_lo = (q_lo * ks_lo[None, :]).astype(pdt)
+            qs_hi = (q_hi * ks_hi[None, :]).astype(pdt)
+            sc = _dot(qs_lo, c_lo, trans_b=True, precision=pprec) + _dot(qs_hi, c_hi, trans_b=True, precision=pprec)
         else:
             qs_lo = (q_lo * ks_lo[None, :]).astype(cdt)
             qs_hi = (q_hi * ks_hi[None, :]).astype(cdt)
@@ -365,13 +360,12 @@ def _attn_kernel(*refs, cfg):
         for gi, (sv, mv) in enumerate(vst):
             if use_lower:
                 mv = mv - 0.5 * sv
-            if int8:  # centered codes: sv/16 * c = sv/16 * (c - 128) + 128 * sv/16
-                pv = (p * (sv * (1.0 / 16.0))[None, :]).astype(f16)
-                e = p * mv[None, :] + CENTER8 * pv.astype(f32)
-                pvs.append((pv, None))
-            elif magic is None:
-                pvs.append(((p * (sv * (1.0 / 16.0) if use_lower else sv)[None, :]).astype(cdt), None))
+            if magic is None:
+                pv = (p * (sv * (1.0 / 16.0) if use_lower else sv)[None, :]).astype(pdt)
                 e = p * mv[None, :]
+                if int8:  # centered codes: sv/16 * c = sv/16 * (c - 128) + 128 * sv/16
+                    e = e + CENTER8 * pv.astype(f32)
+                pvs.append((pv, None))
             else:  # centered value codes c - CENTER: sv * c = sv * (c - CENTER) + CENTER * sv
                 pv = (p * sv[None, :]).astype(cdt)
                 e = p * mv[None, :] + CENTER * pv.astype(f32)
@@ -384,11 +378,8 @@ def _attn_kernel(*refs, cfg):
         acc = list(acc)
         for c in range(nch):
             vu, vl = vals[c]
-            if int8:
-                codes = int8_codes_f16(vu, vl, asm=asm)
-                lcodes = (None, None)
-            elif magic is None:
-                codes = combined(vu, vl) if use_lower else unpack(vu)
+            if magic is None:
+                codes = int8_codes_f16(vu, vl, asm=asm) if int8 else combined(vu, vl) if use_lower else unpack(vu)
                 lcodes = (None, None)
             else:
                 codes = unpack(vu, centered=True)
@@ -396,7 +387,7 @@ def _attn_kernel(*refs, cfg):
             for side in range(2):
                 oi = side * nch + c
                 pv, pv16 = pvs[gidx[out_cols[oi] // gv]]
-                o = _dot(pv, codes[side], trans_b=True, precision=prec if magic is None and not int8 else None)
+                o = _dot(pv, codes[side], trans_b=True, precision=pprec if magic is None else None)
                 if pv16 is not None:
                     o = o + _dot(pv16, lcodes[side], trans_b=True)
                 acc[oi] = acc[oi] + o
@@ -483,13 +474,13 @@ def _attn_kernel(*refs, cfg):
     _plgpu.store(l_ref.at[bi, hi_, si, rows], l, mask=rmask)
 
 
-def resolve_defaults(use_lower: bool, block_k, num_stages, unpack):
-    """Per-role block_k / num_stages / unpack where the caller left them None / "auto"."""
+def resolve_defaults(block_k, num_stages):
+    """block_k / num_stages where the caller left them None (the same for both roles)."""
     if block_k is None:
         block_k = 128  # verify too, since the values are token-minor (H100, session 7: 242.6 -> 208.1 us, 128K, T = 8)
     if num_stages is None:
         num_stages = 3
-    return block_k, num_stages, unpack
+    return block_k, num_stages
 
 
 @_functools.partial(_jax.jit, static_argnames=(
@@ -532,7 +523,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     """
     if merge not in ("pallas", "xla"):
         raise HierAttentionShapeError(f"merge must be 'pallas' or 'xla', got {merge!r}")
-    block_k, num_stages, unpack = resolve_defaults(use_lower, block_k, num_stages, unpack)
+    block_k, num_stages = resolve_defaults(block_k, num_stages)
     check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, positions,
                               buf_start, group_size=group_size, block_k=block_k, block_kb=block_kb,
                               num_splits=num_splits, buffer_splits=buffer_splits, k_lower=k_lower,
@@ -716,8 +707,7 @@ def hier_attention_auto(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v
         try:
             check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v,
                                       positions, buf_start, group_size=group_size,
-                                      block_k=resolve_defaults(use_lower, kernel_kwargs.get("block_k"), 1,
-                                                               "auto")[0],
+                                      block_k=resolve_defaults(kernel_kwargs.get("block_k"), 1)[0],
                                       block_kb=kernel_kwargs.get("block_kb", 64), k_lower=k_lower,
                                       v_lower=v_lower, use_lower=use_lower)
             reason = None

@@ -512,8 +512,8 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
         raise Int4ShapeError(f"residual must be [M, N_out] = {(m, n_out)}, got shape {tuple(residual.shape)}")
     if path == "dot" and (norm_weight is not None or paired or residual is not None):
         # the tensor-core kernel has no fused forms: XLA does them around it
-        y = int4_matmul(normed_input(x, norm_weight, norm_eps), packed, scale, minimum, group_size=group_size, block_n=block_n,
-                        groups_per_step=groups_per_step, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
+        y = int4_matmul(normed_input(x, norm_weight, norm_eps), packed, scale, minimum, group_size=group_size,
+                        block_n=block_n, groups_per_step=groups_per_step, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
                         path=path, magic=magic, asm=asm, interpret=interpret)
         return fused_epilogue(y.astype(jnp.float32), act=act, residual=residual).astype(x.dtype)
     gpb = min(groups_per_step, _next_pow2(ng))
@@ -629,7 +629,8 @@ def int4_linear(x, qw, *, backend: str = "auto", interpret: bool = False, norm_w
     elif backend == "dequant":
         from qspec_jax.quant_weights import dequantize_weight
         w = dequantize_weight(qw, x.dtype, out_major=True)  # [N, K]: the layout's orientation, no transpose
-        y = lax.dot_general(normed_input(x2, norm_weight, norm_eps), w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = lax.dot_general(normed_input(x2, norm_weight, norm_eps), w, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
         y = fused_epilogue(y, act=act, residual=fused["residual"]).astype(x.dtype)
     else:
         raise ValueError(f"unknown backend {backend!r} (auto, pallas, reference, dequant)")
