@@ -47,6 +47,17 @@ kernel with the jnp bit tricks ran 36.5 / 145.5 / 22.9 / 10.2 us, as on the H100
 TB/s, about the bf16 dot. The 2.2 TB/s target is met on the wide shapes only; the narrow ones
 lack programs (split-K adds a partial-sum kernel).
 
+Packed 16-bit inner product (session 9, `fma16`, the default for bf16 / f16 activations on the
+"reduce" path): the tile is read as uint32 words of four packed bytes, x as words of two 16-bit
+activations, and `nibbles.word_dot16` does per word: codes by PRMT + LOP3, centered (c - 8) by a
+packed fma, then four packed fmas (bf16x2 / f16x2) that multiply and accumulate two lanes of four
+products each, added in f32. About half the instructions per code of the f32 path (Nsight had
+that path issue-bound and Triton never contracts its FMUL + FADD). H100, one run
+(docs/results/int4_fma16_ab_session9_h100_2026-11-26.txt): gate/up 29.9 -> 25.3 us (2.47 TB/s),
+lm_head 116.2 -> 99.0 us (2.82 TB/s), down 16.8 -> 15.8, qkv 8.8 -> 8.2, o 6.3 -> 6.0; M = 2
+17.4 -> 10.1 us (qkv). The products' partial sums round to 16 bits (relative ~2**-9 in bf16, far
+under the INT4 weights' own error; GPU checks 3.2e-3 worst).
+
 Fused forms (session 7): `norm_weight` (RMSNorm of x first: x * g as it is loaded, the sum of
 squares in the same loop, rsqrt on the output), `act="silu_mul"` (a program owns a gate and the
 matching up column block) and `residual` (added before the store): a draft step's decoder
@@ -72,7 +83,8 @@ try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
 except Exception:  # pragma: no cover
     plgpu = None
 
-from pallas_kernels.nibbles import MAGIC16, MAGIC_F32, nibbles16, nibbles_f32, ptx_available
+from pallas_kernels.nibbles import (CENTER, MAGIC16, MAGIC_F32, mul16_words, nibbles16, nibbles_f32, ptx_available,
+                                    word_dot16)
 
 
 def int4_matmul_reference(x, packed, scale, minimum, *, group_size: int):
@@ -236,7 +248,7 @@ def _program_block(*, n, ng, block_n, gps, n_ragged):
 
 
 def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ragged, split_out, prefetch, asm,
-                 norm, paired, residual):
+                 norm, paired, residual, fma16=None):
     """One program: columns [j*block_n, +block_n) (masked past N), groups [s*gps, g_end).
 
     Fused forms (refs after x, packed, scale, min: the norm weight, then the residual):
@@ -246,11 +258,19 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
     latency exposed: on the H100 that pass cost gate/up ~3 us). paired: the program also
     owns columns [N + j*block_n, +block_n) (W = gate | up) and stores silu(gate) * up.
     residual: [M, N], loaded before the loop, added before the store. With split-K the
-    partials (normalized, not paired or added) go out and XLA finishes."""
+    partials (normalized, not paired or added) go out and XLA finishes.
+
+    fma16 (bf16 / f16, the activations' dtype): the packed-16-bit inner product
+    (`nibbles.word_dot16`). p_ref is then the packed codes viewed as uint32 words [N, ng, G/8],
+    and two more refs follow: x (and the norm weight, with norm) as uint32 words of 16-bit
+    pairs [M, ng, 2, G/8, 2] (half of the group, word of four codes, pair 01 / 23). x_ref still
+    feeds the sums (sum(x) for the offsets, sum(x**2) for the norm) in float32."""
     f32 = jnp.float32
     x_ref, p_ref, s_ref, mn_ref, *rest, o_ref = refs
     g_ref = rest.pop(0) if norm is not None else None
     r_ref = rest.pop(0) if residual else None
+    xw_ref = rest.pop(0) if fma16 is not None else None
+    gw_ref = rest.pop(0) if fma16 is not None and norm is not None else None
     sk, g_begin, g_end, cmask, n0 = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
     col_sets = [pl.ds(n0, block_n)] + ([pl.ds(n0 + n, block_n)] if paired else [])
 
@@ -277,22 +297,48 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
             v = plgpu.load(ref.at[idx], mask=gmask[None, :, None], other=0) if g_ragged else ref[idx]
             return v[0].astype(f32)
 
+        def load_words(ref, r):  # (lo01, lo23, hi01, hi23) uint32 [gpb, G/8]
+            out = []
+            for h in (0, 1):
+                for e in (0, 1):
+                    if g_ragged:  # traced scalar indices: the masked load's interpret rule needs shapes
+                        idx = (jnp.int32(r), grp, jnp.int32(h), slice(None), jnp.int32(e))
+                        out.append(plgpu.load(ref.at[idx], mask=gmask[:, None], other=0))
+                    else:
+                        out.append(ref[r, grp, h, :, e])
+            return out
+
         gw = [load_x(g_ref, 0, c0) for c0 in (0, half)] if g_ref is not None else None
-        xs, sq = [], []
+        gwords = load_words(gw_ref, 0) if gw_ref is not None else None
+        xs, sq, xws = [], [], []
         for r in range(m):
             v = [load_x(x_ref, r, c0) for c0 in (0, half)]
             if gw is not None:
                 sq.append(v[0] * v[0] + v[1] * v[1])  # [gpb, G/2], for the norm's sum of squares
                 v = [v[0] * gw[0], v[1] * gw[1]]
             xs += v
-        return tuple(tiles), tuple(xs), tuple(sq)
+            if xw_ref is not None:
+                words = load_words(xw_ref, r)
+                if gwords is not None:
+                    words = [mul16_words(a, b, fma16, asm=bool(asm)) for a, b in zip(words, gwords)]
+                xws.append(tuple(words))
+        return tuple(tiles), tuple(xs), tuple(sq), tuple(xws)
 
     def compute(data, carry):
-        tiles, xs, sq = data
+        tiles, xs, sq, xws = data
         accs, ss = carry
         ss = tuple(a + b for a, b in zip(ss, sq)) if ss_in_loop else ss
         out = []
         for (tile, s, mn), accs_c in zip(tiles, accs):
+            if fma16 is not None:  # tile: uint32 words [bn, gpb, G/8]; codes centered (c - 8)
+                outc = []
+                for r in range(m):
+                    xw = [jnp.broadcast_to(v[None], tile.shape) for v in xws[r]]
+                    d = jnp.sum(word_dot16(tile, xw, fma16, asm=bool(asm)), axis=2)  # [bn, gpb]
+                    xsum = jnp.sum(xs[2 * r], axis=1) + jnp.sum(xs[2 * r + 1], axis=1)  # [gpb]
+                    outc.append(accs_c[r] + d * s + xsum[None, :] * (mn + CENTER * s))
+                out.append(tuple(outc))
+                continue
             if asm is None:
                 t32 = tile.astype(jnp.uint32)
                 lo = lax.bitcast_convert_type((t32 & 0xF) | _F32_MAGIC[0], f32) - _F32_MAGIC[1]
@@ -439,6 +485,22 @@ def _int4_dot_kernel(x_ref, p_ref, s_ref, mn_ref, o_ref, *, m, mp, n, ng, half, 
         plgpu.store(o_ref.at[pl.ds(0, mp), cols], y.astype(o_ref.dtype), mask=mask)
 
 
+def words32(packed):
+    """uint8 [..., B] (B % 4 == 0) -> uint32 [..., B/4], byte i of a word at bits 8i..8i+7 (the same
+    memory: XLA makes this a bitcast, no copy)."""
+    *lead, nb = packed.shape
+    return lax.bitcast_convert_type(packed.reshape(*lead, nb // 4, 4), jnp.uint32)
+
+
+def activation_words(x3):
+    """x [M, ng, G] in a 16-bit dtype -> uint32 [M, ng, 2, G/8, 2]: [r, g, h, j, e] holds the pair
+    x[r, g, h*G/2 + 4j + 2e + (0, 1)], the activations of the low (h = 0) or high (h = 1) codes of
+    bytes 4j + 2e and 4j + 2e + 1 of the group's packed codes (`nibbles.word_dot16`)."""
+    m, ng, g = x3.shape
+    pairs = lax.bitcast_convert_type(x3, jnp.uint16).reshape(m, ng, 2, g // 8, 2, 2)
+    return lax.bitcast_convert_type(pairs, jnp.uint32)
+
+
 def resolve_path(m: int, path: str, block_n, groups_per_step, n: int | None = None):
     """(path, block_n, groups_per_step) where the caller left "auto" / None: M <= 2 takes the
     CUDA-core "reduce" kernel (block_n 16, 8 groups per step; M = 1: 16 groups per step, and
@@ -458,12 +520,12 @@ def resolve_path(m: int, path: str, block_n, groups_per_step, n: int | None = No
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "groups_per_step", "split_k", "num_warps",
                                              "num_stages", "prefetch", "path", "magic", "asm", "interpret",
-                                             "norm_eps", "act"))
+                                             "norm_eps", "act", "fma16"))
 def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
                 groups_per_step: int | None = None, split_k: int | None = None, num_warps: int = 4,
                 num_stages: int = 1, prefetch: bool = False, path: str = "auto", magic: bool = True,
                 asm: bool | None = None, interpret: bool = False, norm_weight=None, norm_eps: float = 1e-6,
-                residual=None, act: str | None = None):
+                residual=None, act: str | None = None, fma16: bool | None = None):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]),
     and with the fused forms of `int4_fused_reference` (norm_weight / act / residual).
 
@@ -481,6 +543,8 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     code in f32 and removes the offset through sum(x); interpret mode runs the same bits in jnp).
     None: on where the device takes PTX (`ptx_available`), and in interpret mode.
     num_warps / num_stages: Triton's.
+    fma16 ("reduce" with bf16 / f16 x): the packed 16-bit inner product (`nibbles.word_dot16`);
+    None: on wherever asm is (interpret mode: the same words, float32 arithmetic).
     interpret: Pallas interpret mode (any backend; for tests).
     Fused forms (what a decoder layer needs around its GEMVs, so the draft step launches fewer
     small kernels): norm_weight [K] (RMSNorm of x first, eps norm_eps), act="silu_mul" (W's
@@ -540,12 +604,22 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
             extra.append((gw if k == ng * group_size else jnp.pad(gw, pad_k)).reshape(1, ng, group_size))
         if residual is not None and not split_out:
             extra.append(residual)
+        if fma16 is None:
+            fma16 = bool(asm) and jnp.dtype(x.dtype) in SUPPORTED_DTYPES[:2]
+        f16dt = jnp.dtype(x.dtype) if fma16 else None
+        if fma16:
+            if f16dt not in SUPPORTED_DTYPES[:2]:
+                raise Int4ShapeError(f"fma16 needs bfloat16 or float16 activations, got {f16dt}")
+            packed = words32(packed)  # [N, ng, G/8]: four bytes per word, same memory
+            extra.append(activation_words(x3))
+            if norm_weight is not None:
+                extra.append(activation_words(extra[0].astype(x.dtype)))
         kernel = functools.partial(_int4_kernel, m=m, n=n_out, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
                                    steps=steps, n_ragged=n_out % block_n != 0, g_ragged=g_ragged,
                                    split_out=split_out, prefetch=prefetch,
                                    asm=(not interpret) if asm else None,
                                    norm=None if norm_weight is None else (k, float(norm_eps)), paired=paired,
-                                   residual=residual is not None and not split_out)
+                                   residual=residual is not None and not split_out, fma16=f16dt)
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,

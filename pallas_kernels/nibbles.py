@@ -53,15 +53,15 @@ _CENTER_FMA = {dt: (kind, _pair_bits(1.0, dt), _pair_bits(-(MAGIC16[dt][1] + CEN
 _LOP_AND_OR = "0xEA"  # lop3 truth table of (a & b) | c
 
 
-def _asm(src: str, p, n_out_regs: int, out_dtype, *more):
-    """One elementwise_inline_asm over 4 bytes at a time with one result (Pallas-Triton's
-    lowering takes a single result only, of a signless type): $0..$(n-1) are the outputs,
-    $n the word of p (then one word per array in `more`)."""
+def _asm(src: str, p, n_out_regs: int, out_dtype, *more, pack: int = 4):
+    """One elementwise_inline_asm over `pack` elements at a time (4 bytes, or 1 uint32 word) with
+    one result (Pallas-Triton's lowering takes a single result only, of a signless type):
+    $0..$(n-1) are the outputs, $n the word of p (then one word per array in `more`)."""
     out = jax.ShapeDtypeStruct(p.shape, out_dtype)
     args = [p, *more]
     (res,) = _plgpu.elementwise_inline_asm(src, args=args,
                                            constraints=",".join(["=r"] * n_out_regs + ["r"] * len(args)),
-                                           pack=4, result_shape_dtypes=[out])
+                                           pack=pack, result_shape_dtypes=[out])
     return res
 
 
@@ -179,3 +179,101 @@ def int8_codes_f16(upper, lower, *, asm: bool):
     hi = _asm(src(f"shr.b32 t, $3, 4;\n        lop3.b32 t, $2, t, 0xF0F0F0F0, {_LOP_SELECT};"),
               upper, 2, jnp.int16, lower)
     return lax.bitcast_convert_type(lo, jnp.float16), lax.bitcast_convert_type(hi, jnp.float16)
+
+
+# --------------------------------------------------------------------------------------
+# Packed 16-bit dot of one word of codes (the INT4 GEMV's inner product)
+# --------------------------------------------------------------------------------------
+
+_ZERO_NEG = 0x80008000  # -0.0 twice: fma(a, b, -0) = a * b rounded, for either 16-bit type
+
+
+def _halves_f32(word, dtype):
+    """uint32 words of two 16-bit floats of dtype -> (low half, high half) as float32."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):  # bf16 bits are the top half of an f32
+        return (lax.bitcast_convert_type(word << 16, jnp.float32),
+                lax.bitcast_convert_type(word & jnp.uint32(0xFFFF0000), jnp.float32))
+    return tuple(lax.bitcast_convert_type((h & 0xFFFF).astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+                 for h in (word, word >> 16))
+
+
+def word_dot16(w, xw, dtype, *, asm: bool):
+    """The INT4 GEMV's inner product on packed 16-bit floats: for uint32 words w of four packed
+    bytes (b0..b3 little-endian; codes byte & 0xF and byte >> 4) and xw = (lo01, lo23, hi01,
+    hi23), uint32 words of two 16-bit floats of dtype each (bf16 or f16: the activations that
+    pair with the low codes of bytes (0, 1), (2, 3) and the high codes of (0, 1), (2, 3)),
+    -> float32  sum_k (lo_k - 8) x_lo_k + (hi_k - 8) x_hi_k  (codes centered, see CENTER).
+
+    With `asm`, per word: two PRMTs and four LOP3s make the codes (bf16 also two shifts, for the
+    high codes), four packed fmas center them (exact), four packed fmas multiply and accumulate:
+    the two halves of one 16-bit pair (low: even bytes, high: odd bytes) each sum four products,
+    rounded to 16 bits at every step (relative error ~2**-9 for bf16, 2**-11 for f16, far below
+    the INT4 weights' own), then become float32 and add. The f32 reduce path spends about twice
+    the instructions per code (f32 FMUL + FADD per code: Triton does not contract them, plus a
+    shift and a LOP3 per code). Without asm (interpret mode): the same sum in float32."""
+    dt = jnp.dtype(dtype)
+    if not asm:
+        f32 = jnp.float32
+        xs = [h for word in xw for h in _halves_f32(word, dt)]  # lo0 lo1 lo2 lo3 hi0 hi1 hi2 hi3
+        acc = jnp.zeros(w.shape, f32)
+        for k in range(4):
+            byte = (w >> (8 * k)) & 0xFF
+            acc = acc + ((byte & 0xF).astype(f32) - CENTER) * xs[k] + ((byte >> 4).astype(f32) - CENTER) * xs[4 + k]
+        return acc
+    bits, off = MAGIC16[dt]
+    kind = "bf16x2" if dt == jnp.dtype(jnp.bfloat16) else "f16x2"
+    m2 = f"0x{bits:04X}{bits:04X}"
+    one = _pair_bits(1.0, dt)
+    neg_lo = _pair_bits(-(off + CENTER), dt)
+    if kind == "bf16x2":  # high codes shifted down to bits 0..3 of each half: offset + code again
+        hi_codes = f"""shr.b32 t0, t0, 4;
+        shr.b32 t1, t1, 4;
+        lop3.b32 u0, t0, 0x000F000F, {m2}, {_LOP_AND_OR};
+        lop3.b32 u1, t1, 0x000F000F, {m2}, {_LOP_AND_OR};
+        fma.rn.{kind} u0, u0, c1, c2;
+        fma.rn.{kind} u1, u1, c1, c2;"""
+    else:  # f16: bits 4..7 are mantissa bits, 0x6400 | 16 c = 1024 + 16 c; / 16 - 72 = c - 8
+        hi_codes = f"""lop3.b32 u0, t0, 0x00F000F0, {m2}, {_LOP_AND_OR};
+        lop3.b32 u1, t1, 0x00F000F0, {m2}, {_LOP_AND_OR};
+        mov.b32 c1, 0x{_pair_bits(1.0 / 16.0, dt):08X};
+        mov.b32 c2, 0x{_pair_bits(-(off / 16.0 + CENTER), dt):08X};
+        fma.rn.{kind} u0, u0, c1, c2;
+        fma.rn.{kind} u1, u1, c1, c2;"""
+    src = f"""{{
+        .reg .b32 z, t0, t1, u0, u1, c1, c2, a;
+        mov.b32 z, 0;
+        prmt.b32 t0, $1, z, 0x4140;
+        prmt.b32 t1, $1, z, 0x4342;
+        mov.b32 c1, 0x{one:08X};
+        mov.b32 c2, 0x{neg_lo:08X};
+        lop3.b32 u0, t0, 0x000F000F, {m2}, {_LOP_AND_OR};
+        lop3.b32 u1, t1, 0x000F000F, {m2}, {_LOP_AND_OR};
+        fma.rn.{kind} u0, u0, c1, c2;
+        fma.rn.{kind} u1, u1, c1, c2;
+        mov.b32 a, 0x{_ZERO_NEG:08X};
+        fma.rn.{kind} a, u0, $2, a;
+        fma.rn.{kind} a, u1, $3, a;
+        {hi_codes}
+        fma.rn.{kind} a, u0, $4, a;
+        fma.rn.{kind} $0, u1, $5, a;
+        }}"""
+    acc = _asm(src, w, 1, jnp.int32, *xw, pack=1)
+    lo, hi = _halves_f32(lax.bitcast_convert_type(acc, jnp.uint32), dt)
+    return lo + hi
+
+
+def mul16_words(a, b, dtype, *, asm: bool):
+    """uint32 words of two 16-bit floats: the elementwise product, rounded to dtype, as words
+    (the norm weight applied to the activations of the 16-bit GEMV path)."""
+    dt = jnp.dtype(dtype)
+    if not asm:
+        prods = [(x * y).astype(dt) for x, y in zip(_halves_f32(a, dt), _halves_f32(b, dt))]
+        lo, hi = (lax.bitcast_convert_type(p, jnp.uint16).astype(jnp.uint32) for p in prods)
+        return lo | (hi << 16)
+    kind = "bf16x2" if dt == jnp.dtype(jnp.bfloat16) else "f16x2"
+    src = f"""{{
+        .reg .b32 z;
+        mov.b32 z, 0x{_ZERO_NEG:08X};
+        fma.rn.{kind} $0, $1, $2, z;
+        }}"""
+    return lax.bitcast_convert_type(_asm(src, a, 1, jnp.int32, b, pack=1), jnp.uint32)

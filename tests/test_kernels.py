@@ -70,6 +70,11 @@ MM_CASES = [
     pytest.param(4, 300, 130, 64, jnp.bfloat16, dict(magic=False), id="dot-M4-cvt-unpack"),
     pytest.param(1, 256, 64, 64, jnp.bfloat16, dict(block_n=4, split_k=1), id="block_n4-no-masks"),
     pytest.param(2, 1000, 200, 128, jnp.float32, dict(asm=False), id="reduce-M2-subtract-unpack-f32"),
+    # bf16 / f16 on the reduce path take the packed 16-bit inner product (fma16) by default; the
+    # float32 one stays selectable
+    pytest.param(1, 1000, 200, 128, jnp.bfloat16, dict(fma16=False), id="reduce-M1-bf16-f32-inner-product"),
+    pytest.param(2, 200, 24, 32, jnp.float16, dict(groups_per_step=2, split_k=2, prefetch=True),
+                 id="fma16-M2-f16-G32-split2-prefetch-raggedK"),
 ]
 
 
@@ -268,6 +273,8 @@ def test_int4_bad_inputs_raise_before_launch():
         int4_linear(jnp.ones((9, 128), jnp.bfloat16), qw, backend="pallas")
     with pytest.raises(Int4ShapeError, match="M=9"):
         call(jnp.ones((9, 128)))
+    with pytest.raises(Int4ShapeError, match="fma16 needs bfloat16 or float16"):
+        call(fma16=True, interpret=True)  # x is float32 here
     with pytest.raises(Int4ShapeError, match="block_n .* got 96"):
         call(block_n=96)
     with pytest.raises(Int4ShapeError, match="block_n .* got 512"):

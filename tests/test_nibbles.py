@@ -125,7 +125,7 @@ class _CapturePTX:
         self.sources = []
 
     def elementwise_inline_asm(self, src, *, args, constraints, pack, result_shape_dtypes):
-        assert pack == 4 and len(result_shape_dtypes) == 1
+        assert pack in (1, 4) and len(result_shape_dtypes) == 1
         assert all(np.shape(a) == np.shape(args[0]) for a in args)
         self.sources.append(src)
         cons = constraints.split(",")
@@ -133,12 +133,18 @@ class _CapturePTX:
         assert cons[n_out:] == ["r"] * len(args)
 
         def word(a):
+            if pack == 1:  # one 32-bit element per register
+                assert np.asarray(a).dtype.itemsize == 4
+                return np.asarray(a).view(np.uint32).reshape(-1)
             p = np.asarray(a, np.uint8).reshape(-1, 4).astype(np.uint32)
             return p[:, 0] | (p[:, 1] << 8) | (p[:, 2] << 16) | (p[:, 3] << 24)
 
         regs = run_ptx(src, {f"${n_out + i}": word(a) for i, a in enumerate(args)})
         outs = [regs[f"${j}"].astype(np.uint32) for j in range(n_out)]
         out_dt = np.dtype(result_shape_dtypes[0].dtype)
+        if pack == 1:
+            assert n_out == 1 and out_dt.itemsize == 4
+            return [jnp.asarray(outs[0].view(out_dt).reshape(np.shape(args[0])))]
         if out_dt.itemsize == 2:
             assert n_out == 2
             vals = np.stack([outs[0] & 0xFFFF, outs[0] >> 16, outs[1] & 0xFFFF, outs[1] >> 16], axis=1)
@@ -247,3 +253,73 @@ def test_interpreter_catches_a_wrong_int8_select(fake_triton, monkeypatch):
     got, _ = nibbles.int8_codes_f16(u, lw, asm=True)
     want, _ = nibbles.int8_codes_f16(u, lw, asm=False)
     assert not np.array_equal(_bits(got), _bits(want))
+
+
+# ---------------------------------------------------------------------------------------
+# word_dot16: the INT4 GEMV's packed 16-bit inner product
+# ---------------------------------------------------------------------------------------
+
+def _word_dot_inputs(dtype, seed=0):
+    """Every byte value in every lane of the code words, random 16-bit activations."""
+    rng = np.random.default_rng(seed)
+    w = np.asarray(_bytes_in_every_lane()).reshape(-1, 4).astype(np.uint32)
+    w = np.concatenate([w, rng.integers(0, 256, (192, 4), dtype=np.uint32)])  # 448 words
+    w = w[:, 0] | (w[:, 1] << 8) | (w[:, 2] << 16) | (w[:, 3] << 24)
+    x = np.asarray(rng.standard_normal((w.size, 4, 2)) * 3, dtype)  # (lo01, lo23, hi01, hi23) pairs
+    xw = x.view(np.uint16).astype(np.uint32)
+    xw = xw[..., 0] | (xw[..., 1] << 16)
+    return w, x.astype(np.float64), [jnp.asarray(xw[:, i]) for i in range(4)]
+
+
+def _word_dot_emulated(w, x, dtype):
+    """What the PTX must compute: per half of the 16-bit pair (even bytes, odd bytes) a chain of
+    four fmas rounded once each to dtype (lo codes of bytes (0|1), (2|3), then hi codes), then
+    the two halves added in float32."""
+    rnd = lambda v: np.asarray(v, dtype).astype(np.float64)  # noqa: E731
+    out = np.zeros(w.size, np.float32)
+    for lane in (0, 1):
+        acc = np.zeros(w.size)
+        for word, nib in ((0, 0), (1, 0), (2, 4), (3, 4)):  # (x word, nibble shift)
+            byte = (w >> (8 * (lane + 2 * (word % 2)))) & 0xFF
+            code = ((byte >> nib) & 0xF).astype(np.float64) - nibbles.CENTER
+            acc = rnd(code * x[:, word, lane] + acc)
+        out = out + acc.astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_word_dot16_ptx_matches_emulation_and_jnp(fake_triton, dtype):
+    w, x, xw = _word_dot_inputs(dtype)
+    got = np.asarray(nibbles.word_dot16(jnp.asarray(w), xw, dtype, asm=True))
+    assert len(fake_triton.sources) == 1 and "prmt" in fake_triton.sources[0]
+    np.testing.assert_array_equal(got, _word_dot_emulated(w, x, dtype))
+    exact = np.asarray(nibbles.word_dot16(jnp.asarray(w), xw, dtype, asm=False))  # float32, no 16-bit rounding
+    scale = np.abs(x).sum(axis=(1, 2)) * 8
+    assert np.all(np.abs(got - exact) <= scale * (2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -9))
+
+
+def test_word_dot16_jnp_is_the_centered_dot():
+    w, x, xw = _word_dot_inputs(jnp.bfloat16, seed=1)
+    got = np.asarray(nibbles.word_dot16(jnp.asarray(w), xw, jnp.bfloat16, asm=False))
+    want = np.zeros(w.size)
+    for k in range(4):
+        byte = (w >> (8 * k)) & 0xFF
+        want += ((byte & 0xF) - 8.0) * x[:, k // 2, k % 2] + ((byte >> 4) - 8.0) * x[:, 2 + k // 2, k % 2]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_interpreter_catches_a_wrong_hi_code_mask(fake_triton, monkeypatch):
+    """The word_dot16 check can fail: f16 high codes masked at the low nibble give other sums."""
+    w, x, xw = _word_dot_inputs(jnp.float16)
+    real = nibbles._asm
+    monkeypatch.setattr(nibbles, "_asm", lambda src, *a, **k: real(src.replace("0x00F000F0", "0x000F000F"), *a, **k))
+    got = np.asarray(nibbles.word_dot16(jnp.asarray(w), xw, jnp.float16, asm=True))
+    assert not np.array_equal(got, _word_dot_emulated(w, x, jnp.float16))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_mul16_words_ptx_matches_jnp(fake_triton, dtype):
+    _, _, xw = _word_dot_inputs(dtype, seed=2)
+    got = nibbles.mul16_words(xw[0], xw[1], dtype, asm=True)
+    want = nibbles.mul16_words(xw[0], xw[1], dtype, asm=False)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
