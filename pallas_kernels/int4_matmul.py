@@ -328,6 +328,8 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
         tiles, xs, sq, xws = data
         accs, ss = carry
         ss = tuple(a + b for a, b in zip(ss, sq)) if ss_in_loop else ss
+        # per row, sum(x) of each group [gpb]: once, whatever the column sets (gate | up)
+        xsums = [jnp.sum(xs[2 * r], axis=1) + jnp.sum(xs[2 * r + 1], axis=1) for r in range(m)]
         out = []
         for (tile, s, mn), accs_c in zip(tiles, accs):
             if fma16 is not None:  # tile: uint32 words [bn, gpb, G/8]; codes centered (c - 8)
@@ -335,8 +337,7 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
                 for r in range(m):
                     xw = [jnp.broadcast_to(v[None], tile.shape) for v in xws[r]]
                     d = jnp.sum(word_dot16(tile, xw, fma16, asm=bool(asm)), axis=2)  # [bn, gpb]
-                    xsum = jnp.sum(xs[2 * r], axis=1) + jnp.sum(xs[2 * r + 1], axis=1)  # [gpb]
-                    outc.append(accs_c[r] + d * s + xsum[None, :] * (mn + CENTER * s))
+                    outc.append(accs_c[r] + d * s + xsums[r][None, :] * (mn + CENTER * s))
                 out.append(tuple(outc))
                 continue
             if asm is None:
@@ -349,10 +350,9 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
             for r in range(m):
                 xl, xh = xs[2 * r], xs[2 * r + 1]
                 d = jnp.sum(lo * xl[None] + hi * xh[None], axis=2)  # [bn, gpb]
-                xsum = jnp.sum(xl, axis=1) + jnp.sum(xh, axis=1)  # [gpb]
                 if asm is not None:
-                    d = d - MAGIC_F32[1] * xsum[None, :]
-                outc.append(accs_c[r] + d * s + xsum[None, :] * mn)
+                    d = d - MAGIC_F32[1] * xsums[r][None, :]
+                outc.append(accs_c[r] + d * s + xsums[r][None, :] * mn)
             out.append(tuple(outc))
         return tuple(out), ss
 
@@ -601,7 +601,8 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
         out_shape = (splits, m, n) if split_out else (m, n_out)
         if norm_weight is not None:
             gw = norm_weight.reshape(1, k)
-            extra.append((gw if k == ng * group_size else jnp.pad(gw, pad_k)).reshape(1, ng, group_size))
+            gw3 = (gw if k == ng * group_size else jnp.pad(gw, pad_k)).reshape(1, ng, group_size)
+            extra.append(gw3)
         if residual is not None and not split_out:
             extra.append(residual)
         if fma16 is None:
@@ -613,7 +614,7 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
             packed = words32(packed)  # [N, ng, G/8]: four bytes per word, same memory
             extra.append(activation_words(x3))
             if norm_weight is not None:
-                extra.append(activation_words(extra[0].astype(x.dtype)))
+                extra.append(activation_words(gw3.astype(x.dtype)))
         kernel = functools.partial(_int4_kernel, m=m, n=n_out, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
                                    steps=steps, n_ragged=n_out % block_n != 0, g_ragged=g_ragged,
                                    split_out=split_out, prefetch=prefetch,

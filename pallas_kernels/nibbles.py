@@ -221,10 +221,8 @@ def word_dot16(w, xw, dtype, *, asm: bool):
             acc = acc + ((byte & 0xF).astype(f32) - CENTER) * xs[k] + ((byte >> 4).astype(f32) - CENTER) * xs[4 + k]
         return acc
     bits, off = MAGIC16[dt]
-    kind = "bf16x2" if dt == jnp.dtype(jnp.bfloat16) else "f16x2"
+    kind, one, neg_lo = _CENTER_FMA[dt]  # (offset + c) * 1 - (offset + CENTER) = c - CENTER
     m2 = f"0x{bits:04X}{bits:04X}"
-    one = _pair_bits(1.0, dt)
-    neg_lo = _pair_bits(-(off + CENTER), dt)
     if kind == "bf16x2":  # high codes shifted down to bits 0..3 of each half: offset + code again
         hi_codes = f"""shr.b32 t0, t0, 4;
         shr.b32 t1, t1, 4;
@@ -270,7 +268,7 @@ def mul16_words(a, b, dtype, *, asm: bool):
         prods = [(x * y).astype(dt) for x, y in zip(_halves_f32(a, dt), _halves_f32(b, dt))]
         lo, hi = (lax.bitcast_convert_type(p, jnp.uint16).astype(jnp.uint32) for p in prods)
         return lo | (hi << 16)
-    kind = "bf16x2" if dt == jnp.dtype(jnp.bfloat16) else "f16x2"
+    kind = _CENTER_FMA[dt][0]
     src = f"""{{
         .reg .b32 z;
         mov.b32 z, 0x{_ZERO_NEG:08X};
