@@ -25,6 +25,7 @@ from jax import lax as _lax
 from jax.experimental import pallas as _pl
 
 from pallas_kernels.nibbles import CENTER, CENTER8, MAGIC16, int8_codes_f16, nibbles16, ptx_available
+from pallas_kernels.qkv_to_cache import LOG2E, query_rows_count
 from qspec_jax import kv_quant
 
 try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
@@ -104,7 +105,6 @@ def hier_attention_reference(q, k_upper, k_lower, k_scale, k_min, v_upper, v_low
 # plane) 29.3 us at 32K, 86.7 us at 128K (1.65 TB/s); verify (T=8, both planes, int8 codes)
 # 54.9 / 163.0 us. docs/benchmarks.md has the tables.
 
-LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 MAX_GQA = 8
@@ -491,7 +491,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                    block_k: int | None = None, block_kb: int = 64, num_splits: int | None = None,
                    buffer_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                    unpack: str = "auto", prefetch: bool | None = None, fixed_splits: bool = False,
-                   merge: str = "pallas", interpret: bool = False):
+                   merge: str = "pallas", q_rows=None, interpret: bool = False):
     """Pallas flash-decoding over the hierarchical cache; same contract as the reference.
 
     q [B, T, H, D] (T <= 16, H/KVH <= 8, D in {64, 128}), positions [B, T], buf_start [B].
@@ -518,6 +518,9 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
       on its position alone, and a tile masked for it adds exact zeros: with the same T
       (pad the queries) a query gets bitwise the same output whatever the other queries
       are (the exact mode of `ForwardOptions.fixed_rows`).
+    q_rows: the queries already as the kernel's rows, f32 [B, KVH, rows, D] scaled by sm_scale *
+      log2(e) (`pallas_kernels.qkv_to_cache`, which also ropes them); q then gives only shapes
+      and the output dtype.
     merge: how the splits' partial outputs are combined: "pallas" (`merge_partials`, one kernel
       that also writes q.dtype in the [B, T, H, D] layout) or "xla" (max, then the weighted sums).
     """
@@ -538,7 +541,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     w = min(gv, half)
     nch = half // w
     mrows = t * r
-    mp = max(16, _next_pow2(mrows))
+    mp = query_rows_count(t, r)
     cdt = jnp.dtype(q.dtype) if jnp.dtype(q.dtype) in MAGIC16 else jnp.dtype(jnp.float32)
     if unpack == "auto" and use_lower:  # INT8 codes by bit operations into float16 (H100, session 8)
         unpack = "int8" if cdt in MAGIC16 else "cvt"
@@ -573,9 +576,14 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     sm_scale = d ** -0.5 if sm_scale is None else sm_scale
 
     # Rows (t, r) of KV head k: query head k*R + r at time t.
-    qf = q.astype(jnp.float32) * (sm_scale * LOG2E)
-    qh = qf.reshape(b, t, kvh, r, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, mrows, d)
-    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, mp - mrows), (0, 0)))
+    if q_rows is None:
+        qf = q.astype(jnp.float32) * (sm_scale * LOG2E)
+        qh = qf.reshape(b, t, kvh, r, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, mrows, d)
+        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, mp - mrows), (0, 0)))
+    elif q_rows.shape != (b, kvh, mp, d) or q_rows.dtype != jnp.float32:
+        raise HierAttentionShapeError(f"q_rows must be float32 {(b, kvh, mp, d)}, got {q_rows.dtype} {q_rows.shape}")
+    else:
+        qh = q_rows
     positions = positions.astype(jnp.int32)
     qlen = jnp.minimum(quantized_prefix(positions, g), sq)  # [B, T]
     qlen_rows = jnp.pad(jnp.repeat(qlen, r, axis=1), ((0, 0), (0, mp - mrows)))

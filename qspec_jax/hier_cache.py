@@ -127,7 +127,33 @@ class HierCache:
         layers = self.layers[:layer] + (lc,) + self.layers[layer + 1:]
         return out, self.replace(layers=layers)
 
-    def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts):
+    def takes_qkv(self, opts) -> bool:
+        """Whether a decode step goes through `attend_qkv` (the Pallas path, not exact_rows)."""
+        return opts.use_pallas() and not opts.exact_rows
+
+    def attend_qkv(self, layer, qkv, cos, sin, positions, *, num_heads, view=TARGET, opts):
+        """`attend` for a decode step from the un-roped projections qkv [B, T, (H + 2 KVH) * D]
+        and the rope tables: one kernel (`pallas_kernels.qkv_to_cache`) ropes q and k, writes k
+        and v into the buffer and lays the queries out as the attention kernel's rows, where XLA
+        made three kernels per layer (H100: ~4 us of a draft step's ~99 us per layer at 32K)."""
+        from pallas_kernels.qkv_to_cache import qkv_to_cache
+
+        if view not in (DRAFT, TARGET, None):
+            raise ValueError(f"hierarchical cache view must be 'draft' or 'target', got {view!r}")
+        lc = self.layers[layer]
+        b, t, _ = qkv.shape
+        d = lc.buf_k.shape[3]
+        bs = self.buf_start
+        q_rows, buf_k, buf_v = qkv_to_cache(qkv, cos, sin, lc.buf_k, lc.buf_v, positions[:, 0] - bs,
+                                            num_heads=num_heads, num_kv_heads=lc.buf_k.shape[1],
+                                            interpret=opts.interpret)
+        lc = lc.replace(buf_k=buf_k, buf_v=buf_v)
+        q_shape = qkv[:, :, :num_heads * d].reshape(b, t, num_heads, d)  # shapes and dtype only
+        out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows)
+        layers = self.layers[:layer] + (lc,) + self.layers[layer + 1:]
+        return out, self.replace(layers=layers)
+
+    def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None):
         g = self.group_size
         if opts.exact_rows:
             return per_query(self._aligned_reference(lc, bs, use_lower), q, positions)
@@ -137,7 +163,7 @@ class HierCache:
             fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
                 lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower, backend="pallas",
-                fixed_splits=opts.fixed_rows > 0, interpret=opts.interpret)
+                fixed_splits=opts.fixed_rows > 0, q_rows=q_rows, interpret=opts.interpret)
         else:
             fn = lambda qq, pp: hier_attention_reference(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,

@@ -296,11 +296,15 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
         qkv = norm_linear(x, layer.attn_norm, config.rms_norm_eps, layer.wqkv, opts)
         if layer.bqkv is not None:
             qkv = qkv + layer.bqkv
-        q, k, v = split_columns(qkv, qkv_sizes(config))
-        q = apply_rope(q.reshape(b, t, config.num_heads, hd), cos, sin, exact=opts.exact_rows)
-        k = apply_rope(k.reshape(b, t, config.num_kv_heads, hd), cos, sin, exact=opts.exact_rows)
-        v = v.reshape(b, t, config.num_kv_heads, hd)
-        attn, cache = cache.attend(n, q, k, v, positions, prefill=prefill, view=view, opts=opts)
+        if not prefill and getattr(cache, "takes_qkv", lambda o: False)(opts):  # one kernel for rope + writes
+            attn, cache = cache.attend_qkv(n, qkv, cos, sin, positions, num_heads=config.num_heads, view=view,
+                                           opts=opts)
+        else:
+            q, k, v = split_columns(qkv, qkv_sizes(config))
+            q = apply_rope(q.reshape(b, t, config.num_heads, hd), cos, sin, exact=opts.exact_rows)
+            k = apply_rope(k.reshape(b, t, config.num_kv_heads, hd), cos, sin, exact=opts.exact_rows)
+            v = v.reshape(b, t, config.num_kv_heads, hd)
+            attn, cache = cache.attend(n, q, k, v, positions, prefill=prefill, view=view, opts=opts)
         x = linear_residual(attn.reshape(b, t, -1), layer.wo, x, opts)
         h = norm_linear(x, layer.mlp_norm, config.rms_norm_eps, layer.w_gate_up, opts, act="silu_mul")
         x = linear_residual(h, layer.w_down, x, opts)

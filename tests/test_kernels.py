@@ -499,3 +499,60 @@ def test_hier_attention_merge_kernel_matches_xla_merge(t=5, r=3):
     np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=2e-6, atol=2e-6)
     with pytest.raises(HierAttentionShapeError, match="merge"):
         hier_attention(q, *cache, pos, bst, group_size=g, use_lower=True, merge="cuda", interpret=True)
+
+
+# ---------------------------------------------------------------------------------------
+# q / k / v into the cache (rope, buffer writes, query rows)
+# ---------------------------------------------------------------------------------------
+
+# b, t, heads, kv heads, head dim, buffer slots, dtype
+QKV_CASES = [
+    pytest.param(1, 1, 32, 8, 128, 264, jnp.bfloat16, id="llama8b-draft-step"),
+    pytest.param(3, 5, 6, 2, 64, 50, jnp.float32, id="gqa3-t5-f32"),
+    pytest.param(2, 4, 4, 4, 64, 20, jnp.float16, id="gqa1-t4-f16"),
+    pytest.param(2, 3, 16, 2, 128, 40, jnp.bfloat16, id="gqa8-t3"),
+]
+
+
+@pytest.mark.parametrize("b,t,h,kvh,d,sb,dtype", QKV_CASES)
+def test_qkv_to_cache_matches_reference(b, t, h, kvh, d, sb, dtype):
+    from pallas_kernels.qkv_to_cache import qkv_to_cache, qkv_to_cache_reference
+
+    rng = np.random.default_rng(b * 100 + t * 10 + h)
+    qkv = jnp.asarray(rng.standard_normal((b, t, (h + 2 * kvh) * d)), dtype)
+    ang = rng.uniform(0, 6.3, (b, t, d // 2))
+    cos = jnp.asarray(np.cos(np.concatenate([ang, ang], -1)), jnp.float32)
+    sin = jnp.asarray(np.sin(np.concatenate([ang, ang], -1)), jnp.float32)
+    buf_k, buf_v = (jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dtype) for _ in range(2))
+    slot = jnp.asarray(rng.integers(0, sb - t + 1, size=b), jnp.int32)
+    kw = dict(num_heads=h, num_kv_heads=kvh)
+    ref = qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, **kw)
+    out = jax.jit(lambda *a: qkv_to_cache(*a, **kw, interpret=True))(qkv, cos, sin, buf_k, buf_v, slot)
+    # one rounding of the projections' dtype: XLA on CPU may contract the rope's float32 fma differently
+    tol = float(jnp.finfo(dtype).eps)
+    for name, a, c in zip(("q_rows", "buf_k", "buf_v"), ref, out):
+        assert a.shape == c.shape and a.dtype == c.dtype, name
+        np.testing.assert_allclose(np.asarray(c, np.float32), np.asarray(a, np.float32), rtol=tol, atol=1e-6,
+                                   err_msg=name)
+    # the rows past T * R are zeros; the buffers change at the T written slots only
+    assert not np.any(np.asarray(out[0])[:, :, t * (h // kvh):])
+    changed = np.any(np.asarray(out[2] != buf_v), axis=(1, 3))  # [B, Sb]
+    want = np.zeros_like(changed)
+    for i, s in enumerate(np.asarray(slot)):
+        want[i, s:s + t] = True
+    np.testing.assert_array_equal(changed, want)
+
+
+def test_qkv_to_cache_bad_inputs_raise():
+    from pallas_kernels.qkv_to_cache import QkvToCacheError, qkv_to_cache
+
+    qkv = jnp.ones((1, 1, 12 * 64))
+    cs = jnp.ones((1, 1, 64))
+    buf = jnp.zeros((1, 2, 8, 64))
+    slot = jnp.zeros((1,), jnp.int32)
+    with pytest.raises(QkvToCacheError, match="columns"):
+        qkv_to_cache(qkv, cs, cs, buf, buf, slot, num_heads=9, num_kv_heads=2, interpret=True)
+    with pytest.raises(QkvToCacheError, match="buffers"):
+        qkv_to_cache(qkv, cs, cs, buf[:, :1], buf[:, :1], slot, num_heads=8, num_kv_heads=2, interpret=True)
+    with pytest.raises(QkvToCacheError, match="slot"):
+        qkv_to_cache(qkv, cs, cs, buf, buf, slot[:0], num_heads=8, num_kv_heads=2, interpret=True)

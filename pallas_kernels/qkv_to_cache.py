@@ -1,0 +1,144 @@
+"""A layer's new q / k / v into what the hierarchical attention reads, in one kernel.
+
+Per program (row b, KV head h): the rotary embedding of the head's keys and of its R query
+heads, the keys and values written into the full-precision buffer at their slots (in place:
+the buffers are aliased to the outputs), and the queries scaled by sm_scale * log2(e) and laid
+out as the attention kernel's query rows [B, KVH, rows, D] (row t * R + r; rows past T * R zero).
+
+XLA made three kernels of this per layer in a decode step (the queries' rope + padding, and one
+dynamic-update-slice per buffer: 1.4 + 1.3 + 1.3 us of a draft step at 32K on the H100,
+docs/benchmarks.md session 8); this one takes 2.2 us (session 10). The arithmetic is the XLA
+path's: rope in float32 on the rounded projections (`qspec_jax.rope.apply_rope`: x * cos +
+rotate_half(x) * sin), rounded to the projections' dtype before the buffers and before the query
+scale. Whether a multiply and the add become one fma differs between XLA and Triton, so a value
+can differ by a rounding of that dtype (H100: queries within 4e-3 relative in bf16, keys and
+values bitwise equal). Every program that decodes with the Pallas path uses this kernel, so the
+lossless exact mode still compares like with like (4/4 rows at gamma 1 / 4 / 7).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from qspec_jax.rope import apply_rope
+
+try:  # Pallas-Triton: only needed on GPU (interpret mode runs anywhere)
+    from jax.experimental.pallas import triton as plgpu
+except Exception:  # pragma: no cover
+    plgpu = None
+
+LOG2E = 1.4426950408889634
+
+
+class QkvToCacheError(ValueError):
+    """Inputs the kernel does not take (raised before launch)."""
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def query_rows_count(t: int, r: int) -> int:
+    """Rows of the attention kernel's query tile: T * R padded to a power of 2, at least 16."""
+    return max(16, _next_pow2(t * r))
+
+
+def qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_heads: int,
+                           sm_scale: float | None = None):
+    """qkv [B, T, (H + 2 KVH) * D] (q | k | v columns), cos / sin f32 [B, T, D], buffers
+    [B, KVH, Sb, D], slot int32 [B] (buffer slot of each row's first new token).
+    Returns (q_rows f32 [B, KVH, rows, D], buf_k, buf_v)."""
+    b, t, n = qkv.shape
+    h, kvh = num_heads, num_kv_heads
+    d = n // (h + 2 * kvh)
+    r = h // kvh
+    scale = (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
+    x = qkv.reshape(b, t, h + 2 * kvh, d)
+    q, k = apply_rope(x[:, :, :h], cos, sin), apply_rope(x[:, :, h:h + kvh], cos, sin)
+    v = x[:, :, h + kvh:]
+
+    def write(buf, new):  # new [B, T, KVH, D] at rows slot..slot+T-1 (the cache guarantees room)
+        upd = new.transpose(0, 2, 1, 3).astype(buf.dtype)
+        return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0)))(buf, upd, slot)
+
+    rows = query_rows_count(t, r)
+    qr = (q.astype(jnp.float32) * scale).reshape(b, t, kvh, r, d).transpose(0, 2, 1, 3, 4)
+    qr = jnp.pad(qr.reshape(b, kvh, t * r, d), ((0, 0), (0, 0), (0, rows - t * r), (0, 0)))
+    return qr, write(buf_k, k), write(buf_v, v)
+
+
+def _kernel(qkv_ref, cos_ref, sin_ref, slot_ref, _bk_in, _bv_in, q_ref, bk_ref, bv_ref, *, t, h, kvh, r, r_pad,
+            half, rows, sb, scale, dtype):
+    f32 = jnp.float32
+    bi, hk = pl.program_id(0), pl.program_id(1)
+    slot = slot_ref[bi]
+    qmask = jnp.arange(r_pad, dtype=jnp.int32) < r
+    sides = (pl.ds(0, half), pl.ds(half, half))
+    # the padded query rows: zeros (the attention computes them and masks their outputs)
+    pad = jnp.arange(rows, dtype=jnp.int32) >= t * r
+    for cols in sides:
+        plgpu.store(q_ref.at[bi, hk, pl.ds(0, rows), cols], jnp.zeros((rows, half), f32), mask=pad[:, None])
+    for ti in range(t):
+        ti = jnp.int32(ti)  # masked loads and stores take traced scalar indices (interpret mode)
+        c1, c2 = (cos_ref[bi, ti, c] for c in sides)
+        s1, s2 = (sin_ref[bi, ti, c] for c in sides)
+
+        def rope(x1, x2):  # apply_rope's float32 products and add, rounded to the projections' dtype
+            return (x1 * c1 + (-x2) * s1).astype(dtype), (x2 * c2 + x1 * s2).astype(dtype)
+
+        ok = jnp.full((half,), slot + ti < sb)
+        k1, k2 = rope(*(qkv_ref[bi, ti, h + hk, c].astype(f32) for c in sides))
+        for ref, val, c in ((bk_ref, k1, sides[0]), (bk_ref, k2, sides[1])):
+            plgpu.store(ref.at[bi, hk, slot + ti, c], val.astype(ref.dtype), mask=ok)
+        for c in sides:
+            v = qkv_ref[bi, ti, h + kvh + hk, c]
+            plgpu.store(bv_ref.at[bi, hk, slot + ti, c], v.astype(bv_ref.dtype), mask=ok)
+        qx = [plgpu.load(qkv_ref.at[bi, ti, pl.ds(hk * r, r_pad), c], mask=qmask[:, None], other=0).astype(f32)
+              for c in sides]
+        q1, q2 = rope(*qx)
+        for val, c in ((q1, sides[0]), (q2, sides[1])):
+            plgpu.store(q_ref.at[bi, hk, pl.ds(ti * r, r_pad), c], val.astype(f32) * scale, mask=qmask[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "sm_scale", "num_warps", "interpret"))
+def qkv_to_cache(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_heads: int,
+                 sm_scale: float | None = None, num_warps: int = 2, interpret: bool = False):
+    """Pallas version of `qkv_to_cache_reference` (same contract; the same numbers up to the fma
+    contraction of the float32 rope). Inside a jitted decode loop whose buffers are carried, the
+    buffer updates are in place (input_output_aliases; the draft step's profile shows no copies)."""
+    err = QkvToCacheError
+    if qkv.ndim != 3 or cos.shape != sin.shape or cos.ndim != 3 or cos.shape[:2] != qkv.shape[:2]:
+        raise err(f"qkv must be [B, T, N] and cos / sin [B, T, D]: {qkv.shape}, {cos.shape}, {sin.shape}")
+    b, t, n = qkv.shape
+    h, kvh = num_heads, num_kv_heads
+    if kvh < 1 or h % kvh or n % (h + 2 * kvh):
+        raise err(f"{n} columns are not (H + 2 KVH) * D for H={h}, KVH={kvh}")
+    d = n // (h + 2 * kvh)
+    if d % 2 or d & (d - 1) or cos.shape[2] != d:
+        raise err(f"head_dim {d} must be a power of 2 matching cos / sin ({cos.shape[2]})")
+    if buf_k.shape != buf_v.shape or buf_k.shape[:2] != (b, kvh) or buf_k.shape[3] != d:
+        raise err(f"buffers must be [B, KVH, Sb, D] = [{b}, {kvh}, Sb, {d}], got {buf_k.shape}, {buf_v.shape}")
+    if slot.shape != (b,):
+        raise err(f"slot must be [B] = ({b},), got {slot.shape}")
+    r = h // kvh
+    rows = query_rows_count(t, r)
+    scale = (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
+    kernel = functools.partial(_kernel, t=t, h=h, kvh=kvh, r=r, r_pad=_next_pow2(r), half=d // 2, rows=rows,
+                               sb=buf_k.shape[2], scale=scale, dtype=qkv.dtype)
+    params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, kvh),
+        out_shape=[jax.ShapeDtypeStruct((b, kvh, rows, d), jnp.float32),
+                   jax.ShapeDtypeStruct(buf_k.shape, buf_k.dtype),
+                   jax.ShapeDtypeStruct(buf_v.shape, buf_v.dtype)],
+        input_output_aliases={4: 1, 5: 2},
+        compiler_params=params,
+        interpret=interpret,
+        name="qkv_to_cache",
+    )(qkv.reshape(b, t, h + 2 * kvh, d), cos.astype(jnp.float32), sin.astype(jnp.float32),
+      slot.astype(jnp.int32), buf_k, buf_v)
