@@ -642,14 +642,20 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, total, s_pad, sc, r, r_pad, d
         ok = ((s0 + jnp.arange(n, dtype=jnp.int32)) < total)[:, None] & rmask[None, :]
         return _plgpu.load(ref.at[bi, hi, _pl.ds(s0, n), rows], mask=ok, other=other)  # [n, r_pad]
 
-    m_top = jnp.max(stats(m_ref, 0, s_pad, NEG_INF), axis=0)  # [r_pad]
+    def chunk(s0):  # a chunk of sc splits: maxima, sums, outputs (masked: m = NEG_INF, l = o = 0)
+        ok = ((s0 + jnp.arange(sc, dtype=jnp.int32)) < total)[:, None, None] & rmask[None, :, None]
+        o = _plgpu.load(o_ref.at[bi, hi, _pl.ds(s0, sc), rows, cols], mask=ok, other=0.0)  # [sc, r_pad, dblk]
+        return m_all if sc == s_pad else stats(m_ref, s0, sc, NEG_INF), stats(l_ref, s0, sc, 0.0), o
+
+    m_all = stats(m_ref, 0, s_pad, NEG_INF)  # [s_pad, r_pad]
+    first = chunk(0)  # issued before the maximum (a cross-warp reduction) waits on m: one latency, not two
+    m_top = jnp.max(m_all, axis=0)  # [r_pad]
     den = jnp.zeros((r_pad,), f32)
     num = jnp.zeros((r_pad, dblk), f32)
     for s0 in range(0, s_pad, sc):
-        wgt = jnp.exp2(stats(m_ref, s0, sc, NEG_INF) - m_top[None, :])  # masked: m = NEG_INF, l = o = 0
-        den = den + jnp.sum(wgt * stats(l_ref, s0, sc, 0.0), axis=0)
-        ok = ((s0 + jnp.arange(sc, dtype=jnp.int32)) < total)[:, None, None] & rmask[None, :, None]
-        o = _plgpu.load(o_ref.at[bi, hi, _pl.ds(s0, sc), rows, cols], mask=ok, other=0.0)  # [sc, r_pad, dblk]
+        mm, ll, o = first if s0 == 0 else chunk(s0)
+        wgt = jnp.exp2(mm - m_top[None, :])
+        den = den + jnp.sum(wgt * ll, axis=0)
         num = num + jnp.sum(wgt[:, :, None] * o, axis=0)
     out = (num / jnp.where(den > 0, den, 1.0)[:, None]).astype(out_ref.dtype)
     if r_pad == r:  # out [B, T, H, D]: query head hi * R + j
