@@ -77,6 +77,10 @@ class KVCache:
         """Declare the first lengths[b] tokens of row b final (rollback = a smaller length)."""
         return self.replace(lengths=lengths.astype(jnp.int32))
 
+    def takes_qkv(self, opts) -> bool:
+        """Whether a decode step hands this cache the un-roped projections (`HierCache.attend_qkv`)."""
+        return False
+
     def attend(self, layer, q, k, v, positions, *, prefill, view=None, opts):
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if prefill:

@@ -296,7 +296,7 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
         qkv = norm_linear(x, layer.attn_norm, config.rms_norm_eps, layer.wqkv, opts)
         if layer.bqkv is not None:
             qkv = qkv + layer.bqkv
-        if not prefill and getattr(cache, "takes_qkv", lambda o: False)(opts):  # one kernel for rope + writes
+        if not prefill and cache.takes_qkv(opts):  # one kernel for rope, cache writes and query layout
             attn, cache = cache.attend_qkv(n, qkv, cos, sin, positions, num_heads=config.num_heads, view=view,
                                            opts=opts)
         else:
