@@ -32,7 +32,8 @@ reduce kernel's work grows with M, a dot's does not. `resolve_path` picks per M.
 
 `prefetch=True` ("reduce") pipelines by hand: step i+1's tile, stats and x are loaded
 before step i is computed. It lost in the H100 sweep (docs/results/kernels_sweep4_kmajor_h100.json)
-and is off by default.
+for short K; since the packed fmas it wins on the long-K down projection (7 steps per program), so
+the default takes it there (`PREFETCH_MIN_STEPS`).
 
 Unpacking (`asm=None`, the default: on wherever the device takes PTX): four packed bytes
 at a time through inline PTX (`pallas_kernels.nibbles`): each code becomes 128 + code in
@@ -154,6 +155,7 @@ def int4_fused_reference(x, packed, scale, minimum, *, group_size: int, norm_wei
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 MAX_M = 8  # rows the kernel takes (decode / verify, unrolled); more rows are prefill, use XLA
+PREFETCH_MIN_STEPS = 6  # M = 1 prefetches when a program makes this many loop steps (down: 7)
 TARGET_PROGRAMS = 264  # split-K aims at ~2 programs per SM (132 SMs on H100 / H200)
 MAX_TILE_BYTES = 1 << 16  # block_n * groups_per_step * G/2: bigger tiles only spill registers
 DEFAULT_BLOCK_N = 16
@@ -523,7 +525,7 @@ def resolve_path(m: int, path: str, block_n, groups_per_step, n: int | None = No
                                              "norm_eps", "act", "fma16"))
 def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
                 groups_per_step: int | None = None, split_k: int | None = None, num_warps: int = 4,
-                num_stages: int = 1, prefetch: bool = False, path: str = "auto", magic: bool = True,
+                num_stages: int = 1, prefetch: bool | None = None, path: str = "auto", magic: bool = True,
                 asm: bool | None = None, interpret: bool = False, norm_weight=None, norm_eps: float = 1e-6,
                 residual=None, act: str | None = None, fma16: bool | None = None):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]),
@@ -536,7 +538,8 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     4..256). groups_per_step: K groups per loop step (power of 2; capped at the next power
     of 2 of n_groups). None: the path's default (`resolve_path`). split_k: programs along
     K (None: auto, see `split_plan`); partials are summed by XLA. prefetch ("reduce"
-    only): load step i+1 before computing step i. magic ("dot" with bf16/f16 x): nibbles
+    only): load step i+1 before computing step i (None: at M = 1 when a program makes at least
+    PREFETCH_MIN_STEPS loop steps, i.e. the down projection). magic ("dot" with bf16/f16 x): nibbles
     become 16-bit floats by bit operations (bf16 0x4300|c = 128 + c), the offset removed
     through x's group sums, instead of integer->float conversions. asm: do the bit tricks with
     inline PTX, 4 bytes per instruction group (`pallas_kernels.nibbles`; "reduce" then takes 128 +
@@ -584,6 +587,8 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     n_blocks = -(-n_out // block_n)
     splits, gps = split_plan(ng, n_blocks, gpb, split_k)
     steps = -(-gps // gpb)
+    if prefetch is None:  # long K only (H100, session 10: down 16.1 -> 15.3 us, qkv 8.0 -> 10.6 us)
+        prefetch = path == "reduce" and m == 1 and steps >= PREFETCH_MIN_STEPS
     g_ragged = gps % gpb != 0 or ng % gps != 0  # some step reads groups past its split's end
     pad_k = ((0, 0), (0, ng * group_size - k))
     xp = x if k == ng * group_size else jnp.pad(x, pad_k)

@@ -223,7 +223,7 @@ def measure_copy(args):
 
 def mm_kwargs(args, over=None):
     kw = dict(block_n=args.mm_block_n, groups_per_step=args.mm_groups_per_step, num_warps=args.mm_warps,
-              num_stages=args.mm_stages, split_k=args.mm_split_k, prefetch=args.mm_prefetch)
+              num_stages=args.mm_stages, split_k=args.mm_split_k, prefetch=args.mm_prefetch or None)
     if args.interpret:
         kw["interpret"] = True
     kw.update(over or {})
@@ -642,7 +642,7 @@ def main():
     ap.add_argument("--mm-warps", type=int, default=4)
     ap.add_argument("--mm-stages", type=int, default=1)
     ap.add_argument("--mm-split-k", type=int, default=None, help="default: auto")
-    ap.add_argument("--mm-prefetch", action="store_true", help="int4_matmul(prefetch=True)")
+    ap.add_argument("--mm-prefetch", action="store_true", help="int4_matmul(prefetch=True); default: the library's choice")
     ap.add_argument("--at-block-k", type=int, default=None)
     ap.add_argument("--at-block-kb", type=int, default=64)
     ap.add_argument("--at-splits", type=int, default=None)

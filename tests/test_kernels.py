@@ -99,6 +99,8 @@ FUSED_CASES = [
     pytest.param(4, 300, 130, 64, jnp.float32, dict(), DECODER_FORMS, id="M4-dot-XLA-around"),
     pytest.param(1, 640, 40, 64, jnp.float32, dict(split_k=1, groups_per_step=2, prefetch=True), DECODER_FORMS,
                  id="M1-prefetch-5-steps-ragged"),
+    pytest.param(1, 1024, 48, 32, jnp.bfloat16, dict(split_k=1, groups_per_step=4), [(False, None, True)],
+                 id="M1-bf16-fma16-8-steps-auto-prefetch"),  # the down projection's default form
 ]
 
 
