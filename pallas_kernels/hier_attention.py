@@ -739,5 +739,7 @@ def hier_attention_auto(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v
         return hier_attention(*args, group_size=group_size, use_lower=use_lower, sm_scale=sm_scale,
                               interpret=interpret, **kernel_kwargs)
     if backend == "reference":
+        if kernel_kwargs.get("q_rows") is not None:  # the reference reads q itself: q_rows would be ignored
+            raise HierAttentionShapeError("q_rows (queries prepared for the kernel) needs the Pallas kernel")
         return hier_attention_reference(*args, group_size=group_size, use_lower=use_lower, sm_scale=sm_scale)
     raise ValueError(f"unknown backend {backend!r} (auto, pallas, reference)")

@@ -456,6 +456,18 @@ def test_hier_attention_auto_dispatch_and_bad_inputs():
     # "pallas" refuses what it cannot take before launch; "auto" falls back to the reference
     with pytest.raises(HierAttentionShapeError):
         hier_attention_auto(q, *cache, pos, bst, group_size=g, use_lower=False, backend="pallas", block_k=48)
+    # prepared query rows (qkv_to_cache's output; identity rope here) give the same output as q
+    from pallas_kernels.qkv_to_cache import qkv_to_cache_reference
+
+    kv = jnp.zeros((b, t, 2 * kvh * d), q.dtype)
+    ones, zeros = jnp.ones((b, t, d)), jnp.zeros((b, t, d))
+    q_rows = qkv_to_cache_reference(jnp.concatenate([q.reshape(b, t, -1), kv], -1), ones, zeros, cache[8],
+                                    cache[9], bst, num_heads=kvh * r, num_kv_heads=kvh)[0]
+    np.testing.assert_array_equal(np.asarray(call(qq=jnp.zeros_like(q), q_rows=q_rows)), np.asarray(call()))
+    with pytest.raises(HierAttentionShapeError, match="q_rows"):
+        call(q_rows=q_rows[:, :, :8])
+    with pytest.raises(HierAttentionShapeError, match="q_rows"):  # the reference would ignore them
+        hier_attention_auto(q, *cache, pos, bst, group_size=g, use_lower=False, backend="reference", q_rows=q_rows)
 
 
 # ---------------------------------------------------------------------------------------
