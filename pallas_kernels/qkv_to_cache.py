@@ -1,13 +1,13 @@
 """A layer's new q / k / v into what the hierarchical attention reads, in one kernel.
 
-Per program (row b, KV head h, new token t): the rotary embedding of the head's keys and of its R query
-heads, the keys and values written into the full-precision buffer at their slots (in place:
+Per program (row b, KV head h, new token t): the rotary embedding of the head's keys and of its R
+query heads, the keys and values written into the full-precision buffer at their slots (in place:
 the buffers are aliased to the outputs), and the queries scaled by sm_scale * log2(e) and laid
 out as the attention kernel's query rows [B, KVH, rows, D] (row t * R + r; rows past T * R zero).
 
 XLA made three kernels of this per layer in a decode step (the queries' rope + padding, and one
 dynamic-update-slice per buffer: 1.4 + 1.3 + 1.3 us of a draft step at 32K on the H100,
-docs/benchmarks.md session 8); this one takes 2.2 us (session 10). The arithmetic is the XLA
+docs/benchmarks.md session 8); this one takes 1.5 us (session 10). The arithmetic is the XLA
 path's: rope in float32 on the rounded projections (`qspec_jax.rope.apply_rope`: x * cos +
 rotate_half(x) * sin), rounded to the projections' dtype before the buffers and before the query
 scale. Whether a multiply and the add become one fma differs between XLA and Triton, so a value
