@@ -607,3 +607,15 @@ def test_qkv_to_cache_bad_inputs_raise():
         qkv_to_cache(qkv, cs, cs, buf[:, :1], buf[:, :1], slot, num_heads=8, num_kv_heads=2, interpret=True)
     with pytest.raises(QkvToCacheError, match="slot"):
         qkv_to_cache(qkv, cs, cs, buf, buf, slot[:0], num_heads=8, num_kv_heads=2, interpret=True)
+
+
+def test_mosaic_gpu_draft_attention_prototype_matches_dequantized_attention():
+    """scripts/exp_mgpu_draft_attention.py (the swap-AB plan in Mosaic GPU, interpret mode) against
+    dequantize-then-attend: keeps the prototype honest until it replaces the Triton kernel."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("exp_mgpu_draft_attention", "scripts/exp_mgpu_draft_attention.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    errs = mod.check(S=384, interpret=True, seed=3)
+    assert max(errs.values()) < 2e-2, errs
