@@ -2,13 +2,17 @@
 """Prototype (not used by the decoder): the draft attention's swap-AB form in Mosaic GPU, the
 session 10 plan in docs/design.md, for one row, one KV head and one split.
 
-Per group of G = 128 tokens: the query rows (R = 4 real of N = 16, pre-scaled, log2 domain) times
-the group's key scales go to shared memory as wgmma's B ([N, D], passed transposed); the centered
-int4 key codes [tokens, D] are A (upcast to bf16), so scores come out [tokens, N]; the softmax
-reduces over axis 0 (the tokens, across the warpgroup's warps); p times the per-token value scales
-goes to shared memory as the B [tokens, N] of the value product, whose A is the token-minor value
-block [D, tokens] as it is stored (upcast). The key minimum terms are one [N] bias per group, the
-value minimum terms a running [N] sum added at the end (as in the Triton kernel).
+It reads the cache's own upper planes (`qspec_jax.hier_cache`): keys uint8 [S, D/2] and values in
+token-minor blocks uint8 [S/G, D/2, G], a byte holding the codes of channels j (low nibble) and
+j + D/2 (high). Per group of G = 128 tokens: the query rows (R = 4 real of N = 16, pre-scaled, log2
+domain) times the group's key scales go to shared memory as wgmma's B, one [N, D/2] half per
+nibble (passed transposed); the centered key codes c - 8 of each nibble, [tokens, D/2] in bf16, are
+A, so two wgmmas give the scores [tokens, N]; the softmax reduces over axis 0 (the tokens, across
+the warpgroup's warps); p times the per-token value scales goes to shared memory as the B [tokens,
+N] of the value products, whose A are the two nibbles of the value block, [D/2, tokens] each, as it
+is stored: the low and high output channels come out as two [D/2, N] accumulators. The minimum
+terms are one [N] bias per group for the keys and a running [N] sum for the values (as in the
+Triton kernel, whose centered codes these are).
 
     python3 scripts/exp_mgpu_draft_attention.py [gpu]     # default: CPU interpret mode
 
@@ -16,10 +20,11 @@ Status (2026-11-26): matches dequantize-then-attend in interpret mode (errors ~5
 operands); not yet compiled for the GPU. Under interpret, A goes through shared memory (the
 interpreter's wgmma takes shared-memory operands only) and each value product gets its own
 accumulator (`pl.run_state` with `plgpu.ACC.init` has no interpret rule). Missing before it can
-replace the Triton kernel: the GPU lowering (layouts of the int4 A operand, the axis-0
-reductions), a TMA pipeline over the tiles, the grid over rows / heads / splits, the cache's
-unsigned nibble planes (byte ^ 0x88 gives the centered int4; a byte holds channels j and j + D/2,
-so q's channels are permuted and the output un-permuted), the full-precision buffer and the merge.
+replace the Triton kernel: the GPU lowering (the layouts of the unpacked A operands, the axis-0
+reductions), a TMA pipeline over the tiles, the grid over rows / heads / splits, the
+full-precision buffer and the merge. The nibbles are unpacked by mask, shift and conversion; the
+fast int4 -> bf16 upcast (`exp_mgpu_swap_ab_probe.py`) would need a byte to pair two tokens of one
+channel instead (byte ^ 0x88 is then the centered int4), a cache format change.
 """
 from __future__ import annotations
 
@@ -33,44 +38,59 @@ import numpy as np
 from jax import lax
 
 G = D = 128
+H = D // 2  # channels per nibble
 N = 16  # query rows (R = 4 real), wgmma N
+
+
+def _codes(x, high: bool):
+    """uint8 tile -> the centered codes c - 8 of one nibble, bf16 (exact)."""
+    c = (x >> 4) if high else (x & 0xF)
+    return c.astype(jnp.bfloat16) - 8.0
 
 
 def make_kernel(S: int, interpret: bool):
     """The kernel for S quantized tokens (a multiple of G): inputs as in `check`; outputs
     acc^T [D, N] (unnormalized, value minimum terms included), m [N], l [N] (log2 domain)."""
     nt = S // G
-    i4_tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))      # int4 rows of 128 codes
-    b16_tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))     # bf16 rows of 128
-    pv_tr = (plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))       # bf16 rows of 16
 
-    def body(kc_g, ks_g, kmb_g, vc_g, vs_g, vmb_g, q_g, o_g, m_g, l_g,
-             kc_s, ks_s, kmb_s, vc_s, vs_s, vmb_s, q_s, qs_s, pv_s, a16_s, o_s, m_s, l_s, bars):
-        for i, (src, dst) in enumerate(((kc_g, kc_s), (ks_g, ks_s), (kmb_g, kmb_s), (vc_g, vc_s), (vs_g, vs_s),
+    def tr(row_bytes, itemsize):  # tiling + swizzle for a shared-memory operand with rows of row_bytes
+        return (plgpu.TilingTransform((8, row_bytes // itemsize)), plgpu.SwizzleTransform(row_bytes))
+
+    def body(ku_g, ks_g, kmb_g, vu_g, vs_g, vmb_g, q_g, o_g, m_g, l_g,
+             ku_s, ks_s, kmb_s, vu_s, vs_s, vmb_s, q_s, qs_s, pv_s, ak_s, av_s, o_s, m_s, l_s, bars):
+        for i, (src, dst) in enumerate(((ku_g, ku_s), (ks_g, ks_s), (kmb_g, kmb_s), (vu_g, vu_s), (vs_g, vs_s),
                                          (vmb_g, vmb_s), (q_g, q_s))):
             plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
         for i in range(7):
             plgpu.barrier_wait(bars.at[i])
         q = q_s[...]  # [N, D] f32, pre-scaled (log2 domain)
 
-        def tile(i, carry):
-            acc, m, l, ex = carry
-            t0 = i * G
-            ks, kmb = ks_s[i], kmb_s[i]  # [D]
-            qs_s[...] = (q * lax.broadcast_in_dim(ks, (N, D), [1])).astype(jnp.bfloat16)
-            bias = jnp.sum(q * lax.broadcast_in_dim(kmb, (N, D), [1]), axis=1)  # [N]
+        def a_operand(x, stage):  # the interpreter's wgmma takes A from shared memory only
+            if not interpret:
+                return x
+            stage[...] = x
             plgpu.commit_smem()
-            a = kc_s[pl.ds(t0, G), :].astype(jnp.bfloat16)  # [G tokens, D]
-            if interpret:  # the interpreter's wgmma takes A from shared memory only
-                a16_s[...] = a
-                plgpu.commit_smem()
-                a = a16_s
+            return stage
 
-            def scores(acc_ref):
-                plgpu.wgmma(acc_ref, a, qs_s.T)
+        def product(a, b, shape):
+            def mm(acc_ref):
+                plgpu.wgmma(acc_ref, a, b)
                 plgpu.wgmma_wait(0)
                 return acc_ref[...]
-            s = pl.run_scoped(scores, plgpu.ACC((G, N), jnp.float32))  # [tokens, rows]
+            return pl.run_scoped(mm, plgpu.ACC(shape, jnp.float32))  # (GPU: accumulate in place)
+
+        def tile(i, carry):
+            acc_lo, acc_hi, m, l, ex = carry
+            t0 = i * G
+            ks, kmb = ks_s[i], kmb_s[i]  # [D]: the group's key scale and minimum + 8 scale
+            qs = (q * lax.broadcast_in_dim(ks, (N, D), [1])).astype(jnp.bfloat16)
+            qs_s[0] = qs[:, :H]
+            qs_s[1] = qs[:, H:]
+            bias = jnp.sum(q * lax.broadcast_in_dim(kmb, (N, D), [1]), axis=1)  # [N]
+            plgpu.commit_smem()
+            kb = ku_s[pl.ds(t0, G), :]  # uint8 [tokens, H]
+            s = product(a_operand(_codes(kb, False), ak_s.at[0]), qs_s.at[0].T, (G, N))
+            s = s + product(a_operand(_codes(kb, True), ak_s.at[1]), qs_s.at[1].T, (G, N))  # [tokens, rows]
             s = s + lax.broadcast_in_dim(bias, (G, N), [1])
             m_new = jnp.maximum(m, jnp.max(s, axis=0))
             alpha = jnp.exp2(m - m_new)
@@ -80,24 +100,18 @@ def make_kernel(S: int, interpret: bool):
             ex = ex * alpha + jnp.sum(p * lax.broadcast_in_dim(vmb, (G, N), [0]), axis=0)
             pv_s[...] = (p * lax.broadcast_in_dim(vs, (G, N), [0])).astype(jnp.bfloat16)
             plgpu.commit_smem()
-            v = vc_s[i].astype(jnp.bfloat16)  # [D, tokens]: the token-minor value block is V^T
-            if interpret:
-                a16_s[...] = v
-                plgpu.commit_smem()
-                v = a16_s
-            acc = acc * lax.broadcast_in_dim(alpha, (D, N), [1])
+            vb = vu_s[i]  # uint8 [H, tokens]: the token-minor value block, V^T of both nibbles
+            scale = lax.broadcast_in_dim(alpha, (H, N), [1])
+            acc_lo = acc_lo * scale + product(a_operand(_codes(vb, False), av_s.at[0]), pv_s, (H, N))
+            acc_hi = acc_hi * scale + product(a_operand(_codes(vb, True), av_s.at[1]), pv_s, (H, N))
+            return acc_lo, acc_hi, m_new, l, ex
 
-            def pv_mm(acc_ref):
-                plgpu.wgmma(acc_ref, v, pv_s)
-                plgpu.wgmma_wait(0)
-                return acc_ref[...]
-            acc = acc + pl.run_scoped(pv_mm, plgpu.ACC((D, N), jnp.float32))  # (GPU: accumulate in place)
-            return acc, m_new, l, ex
-
-        init = (jnp.zeros((D, N), jnp.float32), jnp.full((N,), -1e30, jnp.float32), jnp.zeros((N,), jnp.float32),
-                jnp.zeros((N,), jnp.float32))
-        acc, m, l, ex = lax.fori_loop(0, nt, tile, init)
-        o_s[...] = acc + lax.broadcast_in_dim(ex, (D, N), [1])
+        z = jnp.zeros((H, N), jnp.float32)
+        init = (z, z, jnp.full((N,), -1e30, jnp.float32), jnp.zeros((N,), jnp.float32), jnp.zeros((N,), jnp.float32))
+        acc_lo, acc_hi, m, l, ex = lax.fori_loop(0, nt, tile, init)
+        exb = lax.broadcast_in_dim(ex, (H, N), [1])
+        o_s[0] = acc_lo + exb
+        o_s[1] = acc_hi + exb
         m_s[...] = m
         l_s[...] = l
         plgpu.commit_smem()
@@ -105,41 +119,45 @@ def make_kernel(S: int, interpret: bool):
             plgpu.copy_smem_to_gmem(src, dst)
         plgpu.wait_smem_to_gmem(0)
 
-    f32 = jnp.float32
-    scratch = [plgpu.SMEM((S, D), jnp.int4, transforms=i4_tr), plgpu.SMEM((nt, D), f32), plgpu.SMEM((nt, D), f32),
-               plgpu.SMEM((nt, D, G), jnp.int4, transforms=i4_tr), plgpu.SMEM((S,), f32), plgpu.SMEM((S,), f32),
-               plgpu.SMEM((N, D), f32), plgpu.SMEM((N, D), jnp.bfloat16, transforms=b16_tr),
-               plgpu.SMEM((G, N), jnp.bfloat16, transforms=pv_tr),
-               plgpu.SMEM((G, D), jnp.bfloat16, transforms=b16_tr),
-               plgpu.SMEM((D, N), f32), plgpu.SMEM((N,), f32), plgpu.SMEM((N,), f32), plgpu.Barrier(num_barriers=7)]
+    f32, bf16, u8 = jnp.float32, jnp.bfloat16, jnp.uint8
+    scratch = [plgpu.SMEM((S, H), u8, transforms=tr(H, 1)), plgpu.SMEM((nt, D), f32), plgpu.SMEM((nt, D), f32),
+               plgpu.SMEM((nt, H, G), u8, transforms=tr(G, 1)), plgpu.SMEM((S,), f32), plgpu.SMEM((S,), f32),
+               plgpu.SMEM((N, D), f32), plgpu.SMEM((2, N, H), bf16, transforms=tr(2 * H, 2)),
+               plgpu.SMEM((G, N), bf16, transforms=tr(2 * N, 2)),
+               plgpu.SMEM((2, G, H), bf16, transforms=tr(2 * H, 2)), plgpu.SMEM((2, H, G), bf16, transforms=tr(128, 2)),
+               plgpu.SMEM((2, H, N), f32), plgpu.SMEM((N,), f32), plgpu.SMEM((N,), f32), plgpu.Barrier(num_barriers=7)]
     params = None
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         params = InterpretGPUParams()
-    return plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((D, N), f32), jax.ShapeDtypeStruct((N,), f32),
+    return plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((2, H, N), f32), jax.ShapeDtypeStruct((N,), f32),
                                         jax.ShapeDtypeStruct((N,), f32)),
                         scratch_types=scratch, num_threads=1, thread_name="wg", interpret=params,
                         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
 
 
 def check(S: int = 256, interpret: bool = True, seed: int = 0) -> dict:
-    """Random centered codes and stats; the kernel against dequantize-then-attend in float64.
-    Returns the errors on the 4 real query rows."""
+    """Random unsigned codes packed as the cache packs them, random stats; the kernel against
+    dequantize-then-attend in float64. Returns the errors on the 4 real query rows."""
     rng = np.random.default_rng(seed)
     nt = S // G
-    kc = rng.integers(-8, 8, (S, D))
-    vc = rng.integers(-8, 8, (nt, D, G))
-    ks, kmb = rng.uniform(0.05, 0.2, (nt, D)), rng.standard_normal((nt, D)) * 0.3
-    vs, vmb = rng.uniform(0.05, 0.2, S), rng.standard_normal(S) * 0.3
+    kc = rng.integers(0, 16, (S, D))  # codes of token t, channel c
+    vc = rng.integers(0, 16, (S, D))
+    ks, km = rng.uniform(0.05, 0.2, (nt, D)), rng.standard_normal((nt, D)) * 0.3
+    vs, vm = rng.uniform(0.05, 0.2, S), rng.standard_normal(S) * 0.3
     q = np.zeros((N, D))
     q[:4] = rng.standard_normal((4, D)) * 0.3
+    ku = (kc[:, :H] | (kc[:, H:] << 4)).astype(np.uint8)  # [S, H]: channel j low, j + H high
+    vpk = (vc[:, :H] | (vc[:, H:] << 4)).astype(np.uint8)  # [S, H]
+    vu = vpk.reshape(nt, G, H).transpose(0, 2, 1)  # [nt, H, G]: token-minor blocks
     f32 = jnp.float32
-    out = make_kernel(S, interpret)(jnp.asarray(kc, jnp.int4), jnp.asarray(ks, f32), jnp.asarray(kmb, f32),
-                                    jnp.asarray(vc, jnp.int4), jnp.asarray(vs, f32), jnp.asarray(vmb, f32),
-                                    jnp.asarray(q, f32))
-    o, m, l = (np.asarray(a, np.float64) for a in out)
-    k = kc * np.repeat(ks, G, 0) + np.repeat(kmb, G, 0)  # [S, D]
-    v = np.concatenate([vc[i].T for i in range(nt)], 0) * vs[:, None] + vmb[:, None]
+    out = make_kernel(S, interpret)(jnp.asarray(ku), jnp.asarray(ks, f32), jnp.asarray(km + 8 * ks, f32),
+                                    jnp.asarray(np.ascontiguousarray(vu)), jnp.asarray(vs, f32),
+                                    jnp.asarray(vm + 8 * vs, f32), jnp.asarray(q, f32))
+    o2, m, l = (np.asarray(a, np.float64) for a in out)
+    o = np.concatenate([o2[0], o2[1]], 0)  # [D, N]
+    k = kc * np.repeat(ks, G, 0) + np.repeat(km, G, 0)  # [S, D]
+    v = vc * vs[:, None] + vm[:, None]
     s = q @ k.T
     mr = s.max(1)
     p = np.exp2(s - mr[:, None])
