@@ -25,7 +25,7 @@ from jax import lax as _lax
 from jax.experimental import pallas as _pl
 
 from pallas_kernels.nibbles import CENTER, CENTER8, MAGIC16, int8_codes_f16, nibbles16, ptx_available
-from pallas_kernels.qkv_to_cache import LOG2E, query_rows_count
+from pallas_kernels.qkv_to_cache import query_rows, query_rows_count
 from qspec_jax import kv_quant
 
 try:  # Pallas-Triton is deprecated in jax 0.11 but present; only needed on GPU.
@@ -577,9 +577,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
 
     # Rows (t, r) of KV head k: query head k*R + r at time t.
     if q_rows is None:
-        qf = q.astype(jnp.float32) * (sm_scale * LOG2E)
-        qh = qf.reshape(b, t, kvh, r, d).transpose(0, 2, 1, 3, 4).reshape(b, kvh, mrows, d)
-        qh = jnp.pad(qh, ((0, 0), (0, 0), (0, mp - mrows), (0, 0)))
+        qh = query_rows(q, kvh, sm_scale)
     elif q_rows.shape != (b, kvh, mp, d) or q_rows.dtype != jnp.float32:
         raise HierAttentionShapeError(f"q_rows must be float32 {(b, kvh, mp, d)}, got {q_rows.dtype} {q_rows.shape}")
     else:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qspec_jax.kv_cache import write_rows
 from qspec_jax.rope import apply_rope
 
 try:  # Pallas-Triton: only needed on GPU (interpret mode runs anywhere)
@@ -47,6 +48,16 @@ def query_rows_count(t: int, r: int) -> int:
     return max(16, _next_pow2(t * r))
 
 
+def query_rows(q, num_kv_heads: int, sm_scale: float):
+    """q [B, T, H, D] -> the attention kernel's query rows f32 [B, KVH, rows, D]: row t * R + r is
+    query head kvh * R + r of token t, scaled by sm_scale * log2(e); rows past T * R are zero."""
+    b, t, h, d = q.shape
+    r = h // num_kv_heads
+    qf = (q.astype(jnp.float32) * (sm_scale * LOG2E)).reshape(b, t, num_kv_heads, r, d).transpose(0, 2, 1, 3, 4)
+    pad = query_rows_count(t, r) - t * r
+    return jnp.pad(qf.reshape(b, num_kv_heads, t * r, d), ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+
 def qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_heads: int,
                            sm_scale: float | None = None):
     """qkv [B, T, (H + 2 KVH) * D] (q | k | v columns), cos / sin f32 [B, T, D], buffers
@@ -55,20 +66,11 @@ def qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int,
     b, t, n = qkv.shape
     h, kvh = num_heads, num_kv_heads
     d = n // (h + 2 * kvh)
-    r = h // kvh
-    scale = (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
     x = qkv.reshape(b, t, h + 2 * kvh, d)
     q, k = apply_rope(x[:, :, :h], cos, sin), apply_rope(x[:, :, h:h + kvh], cos, sin)
     v = x[:, :, h + kvh:]
-
-    def write(buf, new):  # new [B, T, KVH, D] at rows slot..slot+T-1 (the cache guarantees room)
-        upd = new.transpose(0, 2, 1, 3).astype(buf.dtype)
-        return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0)))(buf, upd, slot)
-
-    rows = query_rows_count(t, r)
-    qr = (q.astype(jnp.float32) * scale).reshape(b, t, kvh, r, d).transpose(0, 2, 1, 3, 4)
-    qr = jnp.pad(qr.reshape(b, kvh, t * r, d), ((0, 0), (0, 0), (0, rows - t * r), (0, 0)))
-    return qr, write(buf_k, k), write(buf_v, v)
+    q_rows = query_rows(q, kvh, d ** -0.5 if sm_scale is None else sm_scale)
+    return q_rows, write_rows(buf_k, k.transpose(0, 2, 1, 3), slot), write_rows(buf_v, v.transpose(0, 2, 1, 3), slot)
 
 
 def _kernel(qkv_ref, cos_ref, sin_ref, slot_ref, _bk_in, _bv_in, q_ref, bk_ref, bv_ref, *, t, h, kvh, r, r_pad,

@@ -82,8 +82,7 @@ class _DualCache:
             raise ValueError("_DualCache only prefills")
         out, fp = self.fp.attend(layer, q, k, v, positions, prefill=True, view=None, opts=opts)
         lc = self.hier._fill_from_prompt(self.hier.layers[layer], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        layers = self.hier.layers[:layer] + (lc,) + self.hier.layers[layer + 1:]
-        return out, _DualCache(fp, self.hier.replace(layers=layers))
+        return out, _DualCache(fp, self.hier.with_layer(layer, lc))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "fp_spec", "int8_spec", "opts"))

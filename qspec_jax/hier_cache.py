@@ -111,9 +111,17 @@ class HierCache:
 
     # -- attention -------------------------------------------------------------------
 
-    def attend(self, layer, q, k, v, positions, *, prefill, view=TARGET, opts):
+    def with_layer(self, layer, lc: HierLayer) -> "HierCache":
+        """The cache with layer `layer` replaced by lc."""
+        return self.replace(layers=self.layers[:layer] + (lc,) + self.layers[layer + 1:])
+
+    @staticmethod
+    def _check_view(view):
         if view not in (DRAFT, TARGET, None):
             raise ValueError(f"hierarchical cache view must be 'draft' or 'target', got {view!r}")
+
+    def attend(self, layer, q, k, v, positions, *, prefill, view=TARGET, opts):
+        self._check_view(view)
         lc = self.layers[layer]
         kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]
         if prefill:
@@ -124,8 +132,7 @@ class HierCache:
             slot = positions[:, 0] - bs
             lc = lc.replace(buf_k=write_rows(lc.buf_k, kt, slot), buf_v=write_rows(lc.buf_v, vt, slot))
             out = self._read(lc, q, positions, bs, use_lower=view != DRAFT, opts=opts)
-        layers = self.layers[:layer] + (lc,) + self.layers[layer + 1:]
-        return out, self.replace(layers=layers)
+        return out, self.with_layer(layer, lc)
 
     def takes_qkv(self, opts) -> bool:
         """Whether a decode step goes through `attend_qkv` (the Pallas path, not exact_rows)."""
@@ -138,8 +145,7 @@ class HierCache:
         made three kernels per layer (H100: ~4 us of a draft step's ~99 us per layer at 32K)."""
         from pallas_kernels.qkv_to_cache import qkv_to_cache
 
-        if view not in (DRAFT, TARGET, None):
-            raise ValueError(f"hierarchical cache view must be 'draft' or 'target', got {view!r}")
+        self._check_view(view)
         lc = self.layers[layer]
         b, t, _ = qkv.shape
         d = lc.buf_k.shape[3]
@@ -150,8 +156,7 @@ class HierCache:
         lc = lc.replace(buf_k=buf_k, buf_v=buf_v)
         q_shape = qkv[:, :, :num_heads * d].reshape(b, t, num_heads, d)  # shapes and dtype only
         out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows)
-        layers = self.layers[:layer] + (lc,) + self.layers[layer + 1:]
-        return out, self.replace(layers=layers)
+        return out, self.with_layer(layer, lc)
 
     def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None):
         g = self.group_size

@@ -145,38 +145,45 @@ def test_int4_fused_reference_is_the_unfused_composition():
         int4_matmul(x, qw.packed, qw.scale, qw.minimum, group_size=g, act="gelu")
 
 
+def _teacher_forced_logits(params, cfg, toks, n_prompt, t, view, opts):
+    """Prefill n_prompt tokens into a hierarchical cache (G = 32, capacity 128), then decode the
+    rest of toks t at a time, teacher forced, committing after each forward: logits [B, steps, V]."""
+    from qspec_jax.hier_cache import init_hier_cache
+    from qspec_jax.model import forward, lm_logits
+
+    b = toks.shape[0]
+    cache = init_hier_cache(cfg, b, 128, group_size=32, dtype=jnp.float32)
+    cache = cache.with_prompt_lengths(jnp.full((b,), n_prompt, jnp.int32))
+    pos = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
+    _, cache = jax.jit(lambda c, tk: forward(params, cfg, tk, pos, c, prefill=True, opts=opts))(
+        cache, toks[:, :n_prompt])
+
+    @jax.jit
+    def step(c, tok, i):
+        p = i + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        h, c = forward(params, cfg, tok, p, c, view=view, opts=opts)
+        return lm_logits(params, h, opts), c.commit(jnp.full((b,), i + t, jnp.int32))
+
+    out = []
+    for i in range(n_prompt, toks.shape[1] - t + 1, t):
+        lg, cache = step(cache, toks[:, i:i + t], jnp.int32(i))
+        out.append(lg)
+    return np.concatenate(out, 1)
+
+
 def test_draft_forward_through_interpreted_kernels_matches_reference():
     """The draft's decode steps with every Pallas kernel (fused INT4 GEMVs, draft attention)
     in interpret mode against the jnp reference path, teacher forced across KV flushes."""
     from helpers import random_prompts, tiny_config, tiny_params
     from qspec_jax.draft import DraftRecipe, make_draft
-    from qspec_jax.hier_cache import init_hier_cache
-    from qspec_jax.model import ForwardOptions, forward, lm_logits
+    from qspec_jax.model import ForwardOptions
 
     cfg = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=160)
     draft = make_draft(tiny_params(cfg, seed=3, scale=0.1), DraftRecipe(group_size=32))
     toks, _ = random_prompts(np.random.default_rng(0), [72, 72], cfg.vocab_size)
-    b, n_prompt = toks.shape[0], 40
-
-    def logits(opts):
-        cache = init_hier_cache(cfg, b, 128, group_size=32, dtype=jnp.float32)
-        cache = cache.with_prompt_lengths(jnp.full((b,), n_prompt, jnp.int32))
-        pos = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
-        _, cache = jax.jit(lambda c, tk: forward(draft, cfg, tk, pos, c, prefill=True, opts=opts))(
-            cache, toks[:, :n_prompt])
-
-        @jax.jit
-        def step(c, tok, i):
-            h, c = forward(draft, cfg, tok, jnp.full((b, 1), i, jnp.int32), c, view="draft", opts=opts)
-            return lm_logits(draft, h[:, 0], opts), c.commit(jnp.full((b,), i + 1, jnp.int32))
-
-        out = []
-        for i in range(n_prompt, toks.shape[1]):  # commits cross the flush at 64
-            lg, cache = step(cache, toks[:, i:i + 1], jnp.int32(i))
-            out.append(lg)
-        return np.stack(out, 1)
-
-    ref, kern = logits(ForwardOptions(backend="reference")), logits(ForwardOptions(interpret=True))
+    # steps from 40 to 72: the commits cross the flush at 64
+    ref, kern = (_teacher_forced_logits(draft, cfg, toks, 40, 1, "draft", o)
+                 for o in (ForwardOptions(backend="reference"), ForwardOptions(interpret=True)))
     assert rel_fro(kern, ref) < 1e-3
     assert (kern.argmax(-1) == ref.argmax(-1)).mean() > 0.95
 
@@ -186,34 +193,13 @@ def test_target_verify_forward_through_interpreted_kernels_matches_reference():
     interpret mode (qkv_to_cache writing 3 buffer slots, the INT8 attention on its query rows, GQA 3)
     against the jnp reference path, teacher forced across a KV flush."""
     from helpers import random_prompts, tiny_config, tiny_params
-    from qspec_jax.hier_cache import init_hier_cache
-    from qspec_jax.model import ForwardOptions, forward, lm_logits
+    from qspec_jax.model import ForwardOptions
 
     cfg = tiny_config(hidden_size=192, num_heads=6, num_kv_heads=2, head_dim=64, intermediate_size=160)
     params = tiny_params(cfg, seed=5, scale=0.1)
     toks, _ = random_prompts(np.random.default_rng(1), [76, 76], cfg.vocab_size)
-    b, n_prompt, t = toks.shape[0], 52, 3
-
-    def logits(opts):
-        cache = init_hier_cache(cfg, b, 128, group_size=32, dtype=jnp.float32)
-        cache = cache.with_prompt_lengths(jnp.full((b,), n_prompt, jnp.int32))
-        pos = jnp.broadcast_to(jnp.arange(n_prompt), (b, n_prompt))
-        _, cache = jax.jit(lambda c, tk: forward(params, cfg, tk, pos, c, prefill=True, opts=opts))(
-            cache, toks[:, :n_prompt])
-
-        @jax.jit
-        def verify(c, tok, i):
-            p = i + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            h, c = forward(params, cfg, tok, p, c, view="target", opts=opts)
-            return lm_logits(params, h, opts), c.commit(jnp.full((b,), i + t, jnp.int32))
-
-        out = []
-        for i in range(n_prompt, toks.shape[1] - t + 1, t):  # commits cross the flush at 64
-            lg, cache = verify(cache, toks[:, i:i + t], jnp.int32(i))
-            out.append(lg)
-        return np.concatenate(out, 1)
-
-    ref, kern = logits(ForwardOptions(backend="reference")), logits(ForwardOptions(interpret=True))
+    ref, kern = (_teacher_forced_logits(params, cfg, toks, 52, 3, "target", o)
+                 for o in (ForwardOptions(backend="reference"), ForwardOptions(interpret=True)))
     assert rel_fro(kern, ref) < 1e-4
     assert (kern.argmax(-1) == ref.argmax(-1)).mean() > 0.95
 
