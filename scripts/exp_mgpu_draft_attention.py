@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from pallas_kernels.mgpu_draft_attention import unpack_asm  # the production kernel's dequantization
+
 G = D = 128
 H = D // 2  # channels per nibble
 N = 16  # query rows (R = 4 real), wgmma N
@@ -50,37 +52,6 @@ N = 16  # query rows (R = 4 real), wgmma N
 WGMMA = plgpu.Layout.WGMMA
 COL = plgpu.Layout.WGMMA.reduce(0)  # a [N] vector broadcast along the token axis of [tokens, N]
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a [tokens] vector broadcast along N
-
-
-def _unpack_asm(high: bool, shape, cdt):
-    """Inline Mosaic GPU: int8 [rows, cols] + bf16 scale / minimum broadcast to the same WGMMA
-    layout -> bf16 c * scale + minimum, two elements per 32-bit register: prmt puts each byte
-    under a 0x43 exponent byte (bf16 128 + x), `and` keeps the nibble (high: after a 4-bit shift),
-    sub.bf16x2 removes the 128 exactly, fma.rn.bf16x2 applies the statistics (4-5 instructions
-    per two elements, no I2F)."""
-    from jax.experimental import mosaic
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, llvm
-    utils = mosaic.gpu.utils
-    shift = "shr.b32 t, $1, 4;" if high else "mov.b32 t, $1;"
-    # bf16: exponent byte 0x43 -> 128 + x; f16: 0x64 -> 1024 + x (both exact for x < 16)
-    e, ty = ("0x64", "f16x2") if cdt == jnp.float16 else ("0x43", "bf16x2")
-    asm = ("{ .reg .b32 t, k; " + shift + f" prmt.b32 t, t, {e}, 0x4140; and.b32 t, t, 0xFF0FFF0F; "
-           f"mov.b32 k, {e}00{e[2:]}00; sub.{ty} t, t, k; fma.rn.{ty} $0, t, $2, $3; }}")
-
-    @plgpu.inline_mgpu(arg_types=(WGMMA, WGMMA, WGMMA),
-                       return_type=plgpu.ShapeDtypeStruct(shape, cdt, layout=WGMMA))
-    def unpack(ctx, x, sc, mn):
-        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
-        out_ty = ir.VectorType.get((2,), ir.F16Type.get() if cdt == jnp.float16 else ir.BF16Type.get())
-        regs = np.empty_like(x.registers)
-        for idx, reg in np.ndenumerate(x.registers):
-            r = arith.extui(i32, utils.bitcast(reg, i16))
-            o = llvm.inline_asm(i32, [r, utils.bitcast(sc.registers[idx], i32), utils.bitcast(mn.registers[idx], i32)],
-                                asm, "=r,r,r,r")
-            regs[idx] = utils.bitcast(o, out_ty)
-        return mosaic.gpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=None)
-    return unpack
 
 
 def _cdt(fast):
@@ -105,7 +76,7 @@ def _dequant(x, high: bool, scale, minimum, fast, interpret: bool = False):
             x = x.astype(jnp.int32)
             c = (((x >> 4) & 0xF) if high else (x & 0xF)).astype(cdt)
             return plgpu.layout_cast(c * sc + mn, WGMMA)
-        return _unpack_asm(high, shape, cdt)(plgpu.layout_cast(x, WGMMA), sc, mn)
+        return unpack_asm(high, shape, cdt)(plgpu.layout_cast(x, WGMMA), sc, mn)
     if fast:
         if high:
             c = ((x & -16) ^ -128).astype(jnp.bfloat16)  # 16 (c - 8)
@@ -324,8 +295,55 @@ def time_triton(ctx: int) -> float:
     return float(np.median(ts)) * 1e3
 
 
+def check_module(seed: int = 0) -> None:
+    """GPU: pallas_kernels.mgpu_draft_attention (per-row lengths, the cache's own arrays) against
+    dequantize-then-attend, then its time at 32K / 64K / 128K (full rows) and 128K capacity with
+    a 32K row."""
+    from jax.experimental.mosaic.gpu import profiler
+    from pallas_kernels.mgpu_draft_attention import draft_history_partials, mosaic_query_rows
+    from qspec_jax import kv_quant
+    rng = np.random.default_rng(seed)
+    b, kvh, sq = 2, 8, 8192
+
+    def cache(sq, rng):
+        u8 = lambda shape: jnp.asarray(rng.integers(0, 256, shape), jnp.uint8)  # noqa: E731
+        f16 = lambda lo, hi, shape: jnp.asarray(rng.uniform(lo, hi, shape), jnp.float16)  # noqa: E731
+        return (u8((b, kvh, sq, H)), f16(0.05, 0.2, (b, kvh, sq // G, D)), f16(-0.6, 0.6, (b, kvh, sq // G, D)),
+                u8((b, kvh, sq // G, H, G)), f16(0.05, 0.2, (b, kvh, sq, 1)), f16(-0.6, 0.6, (b, kvh, sq, 1)))
+    c = cache(sq, rng)
+    qlen = jnp.asarray([sq, 3 * G], jnp.int32)
+    q16 = mosaic_query_rows(jnp.asarray(rng.standard_normal((b, kvh, 4, D)) * 0.3, jnp.float32))
+    o, m, l = (np.asarray(a, np.float64) for a in draft_history_partials(q16, *c, qlen, num_splits=32))
+    top = m.max(2, keepdims=True)
+    w = np.exp2(m - top)
+    got = ((o * w[:, :, :, None, :]).sum(2) / (w * l).sum(2)[:, :, None, :]).transpose(0, 1, 3, 2)
+    k = np.asarray(kv_quant.dequantize_keys(c[0], None, c[1], c[2], G), np.float64)
+    v = np.asarray(kv_quant.dequantize_values(kv_quant.values_token_major(c[3]), None, c[4], c[5]), np.float64)
+    q = np.asarray(q16.astype(jnp.float32), np.float64).transpose(0, 1, 3, 2, 4).reshape(b, kvh, N, D)
+    for bi, n in enumerate(np.asarray(qlen)):
+        s_ = np.einsum("hnd,htd->hnt", q[bi], k[bi, :, :n])
+        p = np.exp2(s_ - s_.max(-1, keepdims=True))
+        ref = np.einsum("hnt,htd->hnd", p / p.sum(-1, keepdims=True), v[bi, :, :n])[:, :4]
+        print(f"module check row {bi} (qlen {n}): max rel err {np.abs(got[bi, :, :4] - ref).max() / np.abs(ref).max():.2e}")
+    for S, n in ((32768, 32768), (65536, 65536), (131072, 131072), (131072, 32768)):
+        ks = jax.random.split(jax.random.key(S + n), 7)
+        u8 = lambda k_, shape: jax.random.bits(k_, shape, jnp.uint8)  # noqa: E731
+        f16 = lambda k_, shape: jax.random.uniform(k_, shape, jnp.float16, 0.05, 0.2)  # noqa: E731
+        c = (u8(ks[0], (1, 8, S, H)), f16(ks[1], (1, 8, S // G, D)), f16(ks[2], (1, 8, S // G, D)),
+             u8(ks[3], (1, 8, S // G, H, G)), f16(ks[4], (1, 8, S, 1)), f16(ks[5], (1, 8, S, 1)))
+        q16 = jax.random.normal(ks[6], (1, 8, 2, N, H), jnp.float16)
+        fn = jax.jit(lambda *a: draft_history_partials(*a, num_splits=32))
+        _, ts = profiler.measure(fn, iterations=20)(q16, *c, jnp.asarray([n], jnp.int32))
+        t = float(np.median(ts)) * 1e3
+        mb = 8 * n * (D + 4 + 4 * D / G) / 1e6
+        print(f"module capacity {S} row {n}: {t:.2f} us, {mb / t:.3f} TB/s")
+
+
 if __name__ == "__main__":
     interp = "gpu" not in sys.argv
+    if "module" in sys.argv:
+        check_module()
+        sys.exit(0)
     ok = True
     cps = [{}, dict(tt=64)] if interp else [dict(approx_math=True, unsafe_no_auto_barriers=True)]
     for fast in ("asm", "asm16", False):

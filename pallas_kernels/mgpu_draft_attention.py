@@ -1,0 +1,261 @@
+"""The draft's attention over the quantized history in Mosaic GPU (H100 / sm_90a): swap AB.
+
+Not yet called by the decoder (the buffer part and the merge are still the Triton kernel's;
+docs/benchmarks.md, session 11, lists what the wiring needs). Measured on the H100 in
+`scripts/exp_mgpu_draft_attention.py`, whose asm16 form this is: 21.8 / 41.4 / 75.6 us at
+32K / 64K / 128K (Llama-3.1-8B shape) against the Triton `hier_attention`'s 28.6 / 50.8 / 88.5.
+
+Per program (row * KV head, split), one warpgroup, over 128-token steps fed by a TMA pipeline:
+- keys: each nibble of the upper plane is dequantized in registers to c * scale + minimum
+  ([tokens, D/2] f16, inline PTX: two elements per 32-bit register) and is wgmma's A; B is the
+  matching half of the query rows ([16, D/2] f16, transposed), so the scores come out as
+  [tokens, 16] and the softmax reduces over axis 0 (across the warpgroup's warps);
+- values: p (f16, to shared memory) is the B [tokens, 16] of two wgmmas whose A are the two
+  dequantized nibbles of the token-minor value block [D/2, tokens], as the cache stores it;
+- each program writes its unnormalized partial output transposed, [D, 16], its running maximum
+  and its sum (log2 domain) for all 16 rows; rows past the caller's are zero-query padding.
+
+The split of the history follows each row's quantized prefix (`qlen`), so a short row reads
+only its own groups: chunk = ceil(groups / splits) groups per program, empty programs write
+m = -1e30, l = 0, o = 0.
+
+`interpret=True` runs Mosaic GPU's interpreter on the CPU (tests): it has no rule for inline
+PTX, for wgmma with A in registers or for accumulators in `pl.run_state`, so there the same
+arithmetic runs in jnp, A goes through shared memory and each product has its own accumulator.
+"""
+from __future__ import annotations
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+N_ROWS = 16  # query rows per (row, KV head): wgmma's N (P as B needs rows of >= 32 bytes)
+HEAD_DIM = 128
+GROUP = 128  # tokens per step = the key statistics' group
+WGMMA = plgpu.Layout.WGMMA
+COL = plgpu.Layout.WGMMA.reduce(0)  # an [N] vector broadcast along the token axis of [tokens, N]
+
+
+class MosaicDraftAttentionError(ValueError):
+    """Shapes the Mosaic GPU draft attention does not support (raised before launch)."""
+
+
+def unpack_asm(high: bool, shape, cdt):
+    """Inline Mosaic GPU: int8 [rows, cols] (the cache's bytes) + scale / minimum already broadcast
+    to the same WGMMA layout -> c * scale + minimum in cdt (f16 or bf16), c the low or high nibble.
+
+    Two elements per 32-bit register: prmt puts each byte under an exponent byte (f16 0x64:
+    1024 + x; bf16 0x43: 128 + x), `and` keeps the nibble (high: after a 4-bit shift), sub
+    removes the offset exactly, one packed fma applies the statistics. No I2F: the f32 form
+    (shift, I2F, fma, pack) took ~25% longer for the whole attention (session 11)."""
+    from jax.experimental import mosaic
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    utils = mosaic.gpu.utils
+    shift = "shr.b32 t, $1, 4;" if high else "mov.b32 t, $1;"
+    e, ty = ("0x64", "f16x2") if cdt == jnp.float16 else ("0x43", "bf16x2")
+    asm = ("{ .reg .b32 t, k; " + shift + f" prmt.b32 t, t, {e}, 0x4140; and.b32 t, t, 0xFF0FFF0F; "
+           f"mov.b32 k, {e}00{e[2:]}00; sub.{ty} t, t, k; fma.rn.{ty} $0, t, $2, $3; }}")
+
+    @plgpu.inline_mgpu(arg_types=(WGMMA, WGMMA, WGMMA),
+                       return_type=plgpu.ShapeDtypeStruct(shape, cdt, layout=WGMMA))
+    def unpack(ctx, x, sc, mn):
+        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        out_ty = ir.VectorType.get((2,), ir.F16Type.get() if cdt == jnp.float16 else ir.BF16Type.get())
+        regs = np.empty_like(x.registers)
+        for idx, reg in np.ndenumerate(x.registers):
+            r = arith.extui(i32, utils.bitcast(reg, i16))
+            o = llvm.inline_asm(i32, [r, utils.bitcast(sc.registers[idx], i32), utils.bitcast(mn.registers[idx], i32)],
+                                asm, "=r,r,r,r")
+            regs[idx] = utils.bitcast(o, out_ty)
+        return mosaic.gpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=None)
+    return unpack
+
+
+def dequant_nibble(x, high: bool, scale, minimum, cdt, interpret: bool):
+    """int8 tile [rows, cols] -> one nibble's c * scale + minimum in cdt; scale / minimum [cols]
+    (COL layout) are broadcast along the rows."""
+    bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v.astype(cdt), x.shape, [1]), WGMMA)  # noqa: E731
+    sc, mn = bc(scale), bc(minimum)
+    if interpret:  # the same arithmetic in jnp (no inline PTX under the interpreter)
+        xi = x.astype(jnp.int32)
+        c = (((xi >> 4) & 0xF) if high else (xi & 0xF)).astype(cdt)
+        return plgpu.layout_cast(c * sc + mn, WGMMA)
+    return unpack_asm(high, x.shape, cdt)(plgpu.layout_cast(x, WGMMA), sc, mn)
+
+
+def mosaic_query_rows(q_rows):
+    """The attention's query rows f32 [B, KVH, rows <= 16, D] (`qkv_to_cache.query_rows`: scaled,
+    log2 domain) -> the kernel's B operands f16 [B, KVH, 2, 16, D/2] (channel halves, zero rows)."""
+    b, kvh, rows, d = q_rows.shape
+    q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, N_ROWS - rows), (0, 0))).astype(jnp.float16)
+    return q.reshape(b, kvh, N_ROWS, 2, d // 2).transpose(0, 1, 3, 2, 4)
+
+
+def check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, group_size):
+    b, kvh, sq, half = k_upper.shape
+    d = 2 * half
+    if d != HEAD_DIM or group_size != GROUP:
+        raise MosaicDraftAttentionError(f"head_dim {HEAD_DIM} and group size {GROUP} only, got {d} and {group_size}")
+    want = {"q": (q16, (b, kvh, 2, N_ROWS, half), jnp.float16),
+            "k_scale": (k_scale, (b, kvh, sq // GROUP, d), jnp.float16),
+            "k_min": (k_min, (b, kvh, sq // GROUP, d), jnp.float16),
+            "v_upper": (v_upper, (b, kvh, sq // GROUP, half, GROUP), jnp.uint8),
+            "v_scale": (v_scale, (b, kvh, sq, 1), jnp.float16), "v_min": (v_min, (b, kvh, sq, 1), jnp.float16),
+            "qlen": (qlen, (b,), jnp.int32)}
+    if sq % GROUP or k_upper.dtype != jnp.uint8:
+        raise MosaicDraftAttentionError(f"k_upper must be uint8 [B, KVH, S, 64] with S % {GROUP} == 0, "
+                                        f"got {k_upper.dtype} {k_upper.shape}")
+    for name, (x, shape, dtype) in want.items():
+        if x.shape != shape or x.dtype != dtype:
+            raise MosaicDraftAttentionError(f"{name} must be {jnp.dtype(dtype).name} {shape}, got {x.dtype} {x.shape}"
+                                            " (values: one statistic per token, head_dim <= G)")
+
+
+def draft_history_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, *, group_size: int = GROUP,
+                           num_splits: int = 32, stages: int = 2, interpret: bool = False):
+    """Flash-decoding partials of the draft's attention over the quantized history (upper planes).
+
+    q16 f16 [B, KVH, 2, 16, 64] (`mosaic_query_rows`); the cache's layer arrays as `HierCache`
+    stores them (k_upper uint8 [B, KVH, S, 64], k_scale / k_min f16 [B, KVH, S/G, 128], v_upper
+    uint8 [B, KVH, S/G, 64, G], v_scale / v_min f16 [B, KVH, S, 1]); qlen int32 [B]: the quantized
+    tokens each row attends to (a multiple of G, <= S). Returns o^T f32 [B, KVH, splits, 128, 16]
+    (unnormalized), m and l f32 [B, KVH, splits, 16] (log2 domain; m = -1e30, l = 0 for an empty
+    split)."""
+    check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, group_size)
+    if num_splits < 1 or stages < 1:
+        raise MosaicDraftAttentionError(f"num_splits and stages must be >= 1, got {num_splits}, {stages}")
+    b, kvh, sq, half = k_upper.shape
+    nt = sq // GROUP
+    g, n, cdt = GROUP, N_ROWS, jnp.float16
+
+    def tr(row_bytes, itemsize):  # tiling + swizzle of a shared-memory operand with rows of row_bytes
+        return (plgpu.TilingTransform((8, row_bytes // itemsize)), plgpu.SwizzleTransform(row_bytes))
+
+    def body(qlen_g, q_g, ku_g, ks_g, km_g, vu_g, vs_g, vm_g, o_g, m_g, l_g,
+             qlen_s, q_s, pv_s, ak_s, av_s, o_s, m_s, l_s, bar, ku_b, ks_b, km_b, vu_b, vs_b, vm_b, bars):
+        bh, sp = lax.axis_index("bh"), lax.axis_index("sp")
+        bi, hi = bh // kvh, bh % kvh
+        plgpu.copy_gmem_to_smem(qlen_g, qlen_s, bar.at[0])
+        plgpu.copy_gmem_to_smem(q_g.at[bi, hi], q_s, bar.at[1])
+        plgpu.barrier_wait(bar.at[0])
+        plgpu.barrier_wait(bar.at[1])
+        groups = qlen_s[bi] // g
+        chunk = (groups + num_splits - 1) // num_splits
+        g0 = sp * chunk
+        steps = jnp.clip(groups - g0, 0, chunk)
+
+        def a_operand(x, stage):  # the interpreter's wgmma takes A from shared memory only
+            if not interpret:
+                return x
+            stage[...] = x
+            plgpu.commit_smem()
+            return stage
+
+        def product(a, b_, shape):
+            def mm(acc_ref):
+                plgpu.wgmma(acc_ref, a, b_)
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
+            return plgpu.layout_cast(pl.run_scoped(mm, plgpu.ACC(shape, jnp.float32)), WGMMA)
+
+        def step(ku_s, ks_s, km_s, vu_s, vs_s, vm_s, carry):
+            acc_lo, acc_hi, m, l = carry
+            kb = ku_s[...]  # int8 [tokens, 64]
+            kst = [[plgpu.load(r.at[0, pl.ds(nib * half, half)], layout=COL) for r in (ks_s, km_s)] for nib in range(2)]
+            key = lambda nib: dequant_nibble(kb, bool(nib), *kst[nib], cdt, interpret)  # noqa: E731
+            if interpret:
+                s = sum(product(a_operand(key(nib), ak_s.at[nib]), q_s.at[nib].T, (g, n)) for nib in range(2))
+            else:  # both nibbles into one accumulator; the second A is made while the first wgmma runs
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, key(0), q_s.at[0].T)
+                    plgpu.wgmma(acc_ref, key(1), q_s.at[1].T)
+                    plgpu.wgmma_wait(0)
+                    return acc_ref[...]
+                s = plgpu.layout_cast(pl.run_scoped(scores, plgpu.ACC((g, n), jnp.float32)), WGMMA)
+            m_new = plgpu.layout_cast(jnp.maximum(m, jnp.max(s, axis=0)), COL)
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (g, n), [1]))
+            l = l * alpha + jnp.sum(p, axis=0)
+            pv_s[...] = p.astype(cdt)
+            plgpu.commit_smem()
+            vb = vu_s[0]  # int8 [64, tokens]: the token-minor value block, V^T of both nibbles
+            vs, vm = plgpu.load(vs_s, layout=COL), plgpu.load(vm_s, layout=COL)  # [tokens]
+            val = lambda nib: dequant_nibble(vb, bool(nib), vs, vm, cdt, interpret)  # noqa: E731
+            scale = lax.broadcast_in_dim(alpha, (half, n), [1])
+            acc_lo, acc_hi = acc_lo * scale, acc_hi * scale
+            if interpret:
+                acc_lo = acc_lo + product(a_operand(val(0), av_s.at[0]), pv_s, (half, n))
+                acc_hi = acc_hi + product(a_operand(val(1), av_s.at[1]), pv_s, (half, n))
+            else:  # accumulate in place; run_state waits at its end
+                def pv(refs):
+                    plgpu.wgmma(refs[0], val(0), pv_s)
+                    plgpu.wgmma(refs[1], val(1), pv_s)
+                acc_lo, acc_hi = pl.run_state(pv)((plgpu.ACC.init(acc_lo), plgpu.ACC.init(acc_hi)))
+            return acc_lo, acc_hi, m_new, l
+
+        srcs = [r.at[bi, hi] for r in (ku_g, ks_g, km_g)] + [vu_g] + [r.at[bi, hi] for r in (vs_g, vm_g)]
+        bufs = (ku_b, ks_b, km_b, vu_b, vs_b, vm_b)
+
+        def fetch(j, slot):  # group g0 + j into the stage `slot`
+            grp = g0 + j
+            idx = (pl.ds(grp * g, g), pl.ds(grp, 1), pl.ds(grp, 1), pl.ds(bh * nt + grp, 1), pl.ds(grp * g, g),
+                   pl.ds(grp * g, g))
+            for src, buf, ix in zip(srcs, bufs, idx):
+                plgpu.copy_gmem_to_smem(src.at[ix], buf.at[slot], bars.at[slot])
+
+        for j in range(stages):
+            pl.when(j < steps)(lambda j=j: fetch(j, j))
+
+        def loop(i, carry):
+            slot = i % stages
+            plgpu.barrier_wait(bars.at[slot])
+            carry = step(*(buf.at[slot] for buf in bufs), carry)
+            pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
+            return carry
+
+        z = plgpu.layout_cast(jnp.zeros((half, n), jnp.float32), WGMMA)
+        init = (z, z, plgpu.layout_cast(jnp.full((n,), -1e30, jnp.float32), COL),
+                plgpu.layout_cast(jnp.zeros((n,), jnp.float32), COL))
+        acc_lo, acc_hi, m, l = lax.fori_loop(0, steps, loop, init)
+        o_s[0] = acc_lo
+        o_s[1] = acc_hi
+        m_s[...] = m
+        l_s[...] = l
+        plgpu.commit_smem()
+        for src, dst in ((o_s, o_g), (m_s, m_g), (l_s, l_g)):
+            plgpu.copy_smem_to_gmem(src, dst.at[bi, hi, sp])
+        plgpu.wait_smem_to_gmem(0)
+
+    f32, i8 = jnp.float32, jnp.int8
+    bpad = max(4, b)  # (a TMA copy moves >= 16 bytes)
+    stage_a = [plgpu.SMEM((2, g, half), cdt, transforms=tr(2 * half, 2)),
+               plgpu.SMEM((2, half, g), cdt, transforms=tr(128, 2))] if interpret else [
+        plgpu.SMEM((1,), f32), plgpu.SMEM((1,), f32)]  # (on the GPU A stays in registers)
+    scratch = [plgpu.SMEM((bpad,), jnp.int32), plgpu.SMEM((2, n, half), cdt, transforms=tr(2 * half, 2)),
+               plgpu.SMEM((g, n), cdt, transforms=tr(2 * n, 2)), *stage_a,
+               plgpu.SMEM((2, half, n), f32), plgpu.SMEM((n,), f32), plgpu.SMEM((n,), f32), plgpu.Barrier(num_barriers=2),
+               plgpu.SMEM((stages, g, half), i8, transforms=tr(half, 1)), plgpu.SMEM((stages, 1, 2 * half), cdt),
+               plgpu.SMEM((stages, 1, 2 * half), cdt), plgpu.SMEM((stages, 1, half, g), i8, transforms=tr(g, 1)),
+               plgpu.SMEM((stages, g), cdt), plgpu.SMEM((stages, g), cdt),
+               plgpu.Barrier(num_arrivals=6, num_barriers=stages)]
+    params = None
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        params = InterpretGPUParams()
+    out = (jax.ShapeDtypeStruct((b, kvh, num_splits, 2, half, n), f32),
+           jax.ShapeDtypeStruct((b, kvh, num_splits, n), f32), jax.ShapeDtypeStruct((b, kvh, num_splits, n), f32))
+    kernel = plgpu.kernel(
+        body, out_type=out, scratch_types=scratch, grid=(b * kvh, num_splits), grid_names=("bh", "sp"),
+        num_threads=1, thread_name="wg", interpret=params,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True,
+                                             unsafe_no_auto_barriers=True))
+    bits = lambda x: lax.bitcast_convert_type(x, i8)  # noqa: E731  (same width: free)
+    o, m, l = kernel(jnp.pad(qlen, (0, bpad - b)), q16, bits(k_upper), k_scale, k_min,
+                     bits(v_upper).reshape(b * kvh * nt, half, g),  # (a TMA window needs <= 5 dims)
+                     v_scale[..., 0], v_min[..., 0])
+    return o.reshape(b, kvh, num_splits, 2 * half, n), m, l

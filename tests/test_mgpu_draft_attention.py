@@ -1,0 +1,82 @@
+"""The Mosaic GPU draft attention (pallas_kernels/mgpu_draft_attention.py) in Mosaic GPU's
+interpreter against dequantize-then-attend over the cache's own layout (kv_quant)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.mgpu_draft_attention import (GROUP, N_ROWS, MosaicDraftAttentionError, draft_history_partials,
+                                                 mosaic_query_rows)
+from qspec_jax import kv_quant
+
+G = GROUP
+
+
+def _cache(rng, b, kvh, sq):
+    u8 = lambda shape: jnp.asarray(rng.integers(0, 256, shape), jnp.uint8)  # noqa: E731
+    f16 = lambda lo, hi, shape: jnp.asarray(rng.uniform(lo, hi, shape), jnp.float16)  # noqa: E731
+    return (u8((b, kvh, sq, 64)), f16(0.05, 0.2, (b, kvh, sq // G, 128)), f16(-0.6, 0.6, (b, kvh, sq // G, 128)),
+            u8((b, kvh, sq // G, 64, G)), f16(0.05, 0.2, (b, kvh, sq, 1)), f16(-0.6, 0.6, (b, kvh, sq, 1)))
+
+
+def _merge(o, m, l):
+    """Partials o^T [B, KVH, S, D, N], m / l [B, KVH, S, N] -> [B, KVH, N, D] (float64)."""
+    o, m, l = (np.asarray(a, np.float64) for a in (o, m, l))
+    top = m.max(2, keepdims=True)
+    w = np.exp2(m - top)
+    den = (w * l).sum(2)
+    num = (o * w[:, :, :, None, :]).sum(2)
+    return (num / np.where(den > 0, den, 1)[:, :, None, :]).transpose(0, 1, 3, 2), den
+
+
+def test_partials_match_dequantized_attention_per_row_lengths():
+    rng = np.random.default_rng(7)
+    b, kvh, sq, rows, splits = 3, 2, 6 * G, 4, 3
+    ku, ks, km, vu, vs, vm = cache = _cache(rng, b, kvh, sq)
+    qlen = jnp.asarray([6 * G, 0, G], jnp.int32)  # full, empty, one group (two empty splits)
+    q_rows = jnp.asarray(rng.standard_normal((b, kvh, rows, 128)) * 0.3, jnp.float32)
+    q16 = mosaic_query_rows(q_rows)
+    o, m, l = draft_history_partials(q16, *cache, qlen, num_splits=splits, interpret=True)
+    assert o.shape == (b, kvh, splits, 128, N_ROWS) and m.shape == l.shape == (b, kvh, splits, N_ROWS)
+    got, den = _merge(o, m, l)
+
+    k = np.asarray(kv_quant.dequantize_keys(ku, None, ks, km, G), np.float64)  # [B, KVH, S, D]
+    v = np.asarray(kv_quant.dequantize_values(kv_quant.values_token_major(vu), None, vs, vm), np.float64)
+    q = np.asarray(q16.astype(jnp.float32), np.float64).transpose(0, 1, 3, 2, 4).reshape(b, kvh, N_ROWS, 128)
+    for bi, n in enumerate(np.asarray(qlen)):
+        if n == 0:  # nothing visible: every split empty
+            assert np.all(np.asarray(l[bi]) == 0) and np.all(np.asarray(o[bi]) == 0)
+            assert np.all(np.asarray(m[bi]) <= -1e29)
+            continue
+        s = np.einsum("hnd,htd->hnt", q[bi], k[bi, :, :n])
+        p = np.exp2(s - s.max(-1, keepdims=True))
+        ref = np.einsum("hnt,htd->hnd", p / p.sum(-1, keepdims=True), v[bi, :, :n])[:, :rows]
+        err = np.abs(got[bi, :, :rows] - ref).max() / np.abs(ref).max()
+        assert err < 3e-3, (bi, err)  # f16 operands (dequantized keys / values, p)
+    # the splits past a short row's groups read nothing
+    assert np.all(np.asarray(l[2, :, 1:]) == 0) and np.all(np.asarray(l[2, :, 0]) > 0)
+
+
+def test_query_rows_layout():
+    q_rows = jnp.arange(2 * 3 * 4 * 128, dtype=jnp.float32).reshape(2, 3, 4, 128) / 1000
+    q16 = np.asarray(mosaic_query_rows(q_rows), np.float32)
+    assert q16.shape == (2, 3, 2, N_ROWS, 64)
+    np.testing.assert_allclose(q16[:, :, 0, :4], np.asarray(q_rows)[..., :64], rtol=1e-3)
+    np.testing.assert_allclose(q16[:, :, 1, :4], np.asarray(q_rows)[..., 64:], rtol=1e-3)
+    assert np.all(q16[:, :, :, 4:] == 0)
+
+
+def test_bad_inputs_raise_before_launch():
+    rng = np.random.default_rng(0)
+    cache = _cache(rng, 1, 2, 2 * G)
+    q16 = jnp.zeros((1, 2, 2, N_ROWS, 64), jnp.float16)
+    qlen = jnp.asarray([G], jnp.int32)
+    with pytest.raises(MosaicDraftAttentionError, match="group size"):
+        draft_history_partials(q16, *cache, qlen, group_size=64, interpret=True)
+    with pytest.raises(MosaicDraftAttentionError, match="q must be"):
+        draft_history_partials(q16.astype(jnp.float32), *cache, qlen, interpret=True)
+    with pytest.raises(MosaicDraftAttentionError, match="v_scale"):
+        bad = list(cache)
+        bad[4] = jnp.zeros((1, 2, 2 * G, 2), jnp.float16)  # two value groups per token: not this kernel
+        draft_history_partials(q16, *bad, qlen, interpret=True)
+    with pytest.raises(MosaicDraftAttentionError, match="num_splits"):
+        draft_history_partials(q16, *cache, qlen, num_splits=0, interpret=True)
