@@ -281,7 +281,7 @@ def _attn_kernel(*refs, cfg):
     if fixed_chunk:  # split boundaries by position: a query's tiles do not depend on the other queries
         chunk = fixed_chunk
     else:
-        chunk = _cdiv(_cdiv(qmax, n_splits), bk) * bk
+        chunk = _cdiv(_cdiv(qmax, max(n_splits, 1)), bk) * bk
     start = si * chunk
     end = jnp.minimum(start + chunk, qmax)
     n_it = jnp.where(si < n_splits, _cdiv(jnp.maximum(end - start, 0), bk), 0)
@@ -400,7 +400,9 @@ def _attn_kernel(*refs, cfg):
     l0 = jnp.zeros((mp,), f32)
     acc0 = [jnp.zeros((mp, w), f32) for _ in range(2 * nch)]
     ex0 = [jnp.zeros((mp,), f32) for _ in vgroups]
-    if prefetch:
+    if n_splits == 0:  # a buffer-only launch: the history's partials come from elsewhere (history="mosaic")
+        m_, l_, acc_, ex_ = m0, l0, acc0, ex0
+    elif prefetch:
         # Step i computes the tile loaded during step i-1; every load is masked by the
         # program's range, so the extra prefetch past the end (and idle programs) read nothing.
         def load_tile(i):
@@ -485,13 +487,14 @@ def resolve_defaults(block_k, num_stages):
 
 @_functools.partial(_jax.jit, static_argnames=(
     "group_size", "use_lower", "sm_scale", "block_k", "block_kb", "num_splits", "buffer_splits", "num_warps",
-    "num_stages", "unpack", "prefetch", "fixed_splits", "merge", "interpret"))
+    "num_stages", "unpack", "prefetch", "fixed_splits", "merge", "history", "mosaic_splits", "interpret"))
 def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scale, v_min, buf_k, buf_v,
                    positions, buf_start, *, group_size: int, use_lower: bool, sm_scale: float | None = None,
                    block_k: int | None = None, block_kb: int = 64, num_splits: int | None = None,
                    buffer_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                    unpack: str = "auto", prefetch: bool | None = None, fixed_splits: bool = False,
-                   merge: str = "pallas", q_rows=None, interpret: bool = False):
+                   merge: str = "pallas", q_rows=None, history: str = "triton", mosaic_splits: int = 32,
+                   interpret: bool = False):
     """Pallas flash-decoding over the hierarchical cache; same contract as the reference.
 
     q [B, T, H, D] (T <= 16, H/KVH <= 8, D in {64, 128}), positions [B, T], buf_start [B].
@@ -523,9 +526,20 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
       and the output dtype.
     merge: how the splits' partial outputs are combined: "pallas" (`merge_partials`, one kernel
       that also writes q.dtype in the [B, T, H, D] layout) or "xla" (max, then the weighted sums).
+    history: "triton" (this kernel reads the quantized history too) or "mosaic" (the draft only:
+      T = 1, upper plane, D = G = 128: `pallas_kernels.mgpu_draft_attention` reads the history in
+      `mosaic_splits` programs, this kernel only the buffer, one merge takes both; H100 session 11).
     """
     if merge not in ("pallas", "xla"):
         raise HierAttentionShapeError(f"merge must be 'pallas' or 'xla', got {merge!r}")
+    if history not in ("triton", "mosaic"):
+        raise HierAttentionShapeError(f"history must be 'triton' or 'mosaic', got {history!r}")
+    if history == "mosaic" and (use_lower or q.shape[1] != 1 or q.shape[3] != 128 or group_size != 128
+                                or merge != "pallas" or fixed_splits or not _is_pow2(mosaic_splits)):
+        raise HierAttentionShapeError(
+            "history='mosaic' is the draft's kernel: T = 1, use_lower=False, head_dim = group_size = 128, "
+            f"merge='pallas', no fixed_splits, power-of-2 mosaic_splits (got T={q.shape[1]}, use_lower={use_lower}, "
+            f"D={q.shape[3]}, G={group_size}, merge={merge!r}, fixed_splits={fixed_splits}, {mosaic_splits})")
     block_k, num_stages = resolve_defaults(block_k, num_stages)
     check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, positions,
                               buf_start, group_size=group_size, block_k=block_k, block_kb=block_kb,
@@ -561,6 +575,8 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     nsub = block_k // tk
     n_splits = auto_num_splits(b, kvh, sq, block_k, mrows) if num_splits is None else num_splits
     n_splits = max(1, min(n_splits, _cdiv(sq, block_k)))
+    if history == "mosaic":
+        n_splits = 0  # this launch reads the buffer only
     if fixed_splits:
         buffer_splits, block_kb = 1, min(block_kb, g)
         if num_splits is None:  # chunks of ~1024 tokens (<= 128 of them): a row much shorter than the
@@ -615,6 +631,12 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
         interpret=interpret,
         name="hier_attention",
     )(*args)
+    if history == "mosaic":
+        from pallas_kernels.mgpu_draft_attention import draft_history_partials, mosaic_query_rows
+
+        second = draft_history_partials(mosaic_query_rows(qh), k_upper, k_scale, k_min, v_upper, v_scale, v_min,
+                                        qlen[:, 0], group_size=g, num_splits=mosaic_splits, interpret=interpret)
+        return merge_partials(o, m, l, total=total, t=t, r=r, out_dtype=q.dtype, second=second, interpret=interpret)
     if merge == "pallas":
         return merge_partials(o, m, l, total=total, t=t, r=r, out_dtype=q.dtype, interpret=interpret)
     # LSE merge of the partials (log2 domain) in XLA: three fusions.
@@ -627,9 +649,12 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     return out.astype(q.dtype)
 
 
-def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, total, s_pad, sc, r, r_pad, dblk):
+def _merge_kernel(*refs, total, s_pad, sc, r, r_pad, dblk, total2=0):
     """Program (b, KV head, token, channel block): that token's R query heads. The maximum over
     all splits first (m is small), then the weighted sums over chunks of sc splits."""
+    o_ref, m_ref, l_ref = refs[:3]
+    o2_ref, m2_ref, l2_ref = refs[3:6] if total2 else (None,) * 3
+    out_ref = refs[-1]
     bi, hi, ti, di = (_pl.program_id(i) for i in range(4))
     f32 = jnp.float32
     rows = _pl.ds(ti * r, r_pad)
@@ -648,8 +673,18 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, total, s_pad, sc, r, r_pad, d
     m_all = stats(m_ref, 0, s_pad, NEG_INF)  # [s_pad, r_pad]
     first = chunk(0)  # issued before the maximum (a cross-warp reduction) waits on m: one latency, not two
     m_top = jnp.max(m_all, axis=0)  # [r_pad]
+    if total2:  # the second set: partials transposed, o2 [.., D, 16] (pallas_kernels.mgpu_draft_attention)
+        ok2 = (jnp.arange(total2, dtype=jnp.int32) < total2)[:, None] & rmask[None, :]
+        m2 = _plgpu.load(m2_ref.at[bi, hi, :, rows], mask=ok2, other=NEG_INF)  # [total2, r_pad]
+        l2 = _plgpu.load(l2_ref.at[bi, hi, :, rows], mask=ok2, other=0.0)
+        o2 = _plgpu.load(o2_ref.at[bi, hi, :, cols, rows], mask=ok2[:, None, :], other=0.0)  # [total2, dblk, r_pad]
+        m_top = jnp.maximum(m_top, jnp.max(m2, axis=0))
     den = jnp.zeros((r_pad,), f32)
     num = jnp.zeros((r_pad, dblk), f32)
+    if total2:
+        wgt2 = jnp.exp2(m2 - m_top[None, :])
+        den = den + jnp.sum(wgt2 * l2, axis=0)
+        num = num + jnp.sum(wgt2[:, None, :] * o2, axis=0).T
     for s0 in range(0, s_pad, sc):
         mm, ll, o = first if s0 == 0 else chunk(s0)
         wgt = jnp.exp2(mm - m_top[None, :])
@@ -662,7 +697,7 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, total, s_pad, sc, r, r_pad, d
         out_ref[bi, ti, hi, :, cols] = out
 
 
-def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, interpret: bool = False):
+def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, second=None, interpret: bool = False):
     """The splits' partial outputs o [B, KVH, S', rows', D] (unnormalized; splits >= total and
     rows >= T * R are padding), running maxima m (log2 domain) and sums l [B, KVH, S', rows']
     -> the attention output [B, T, KVH * R, D] in out_dtype.
@@ -671,7 +706,10 @@ def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, interpret:
     call on the H100) that also writes the caller's layout and dtype. Each program reads its
     rows' [S, R, 32] slice of the partials, so there are B * KVH * T * D/32 programs (session 6's
     merge kernel, one program per row and KV head, lost to XLA). A row's output depends on its
-    own partials only, in a fixed order: the exact mode's row invariance holds."""
+    own partials only, in a fixed order: the exact mode's row invariance holds.
+
+    second: optional (o2, m2, l2) of more splits in the Mosaic draft kernel's layout, o2 f32
+    [B, KVH, S2, D, rows2] (transposed), m2 / l2 [B, KVH, S2, rows2] (T = 1; S2 a power of 2)."""
     b, kvh, s_alloc, rows_alloc, d = o.shape
     r_pad = _next_pow2(r)
     s_pad = _next_pow2(total)
@@ -680,14 +718,21 @@ def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, interpret:
     dblk = min(d, 32)
     sc = min(s_pad, max(1, 8192 // (r_pad * dblk)))
     shape = (b, t, kvh * r, d) if r_pad == r else (b, t, kvh, r_pad, d)
+    total2, extra = 0, ()
+    if second is not None:
+        o2, m2, l2 = extra = tuple(second)
+        total2 = o2.shape[2]
+        if (t != 1 or o2.shape[:2] != (b, kvh) or o2.shape[3] != d or not _is_pow2(total2)
+                or m2.shape != l2.shape or m2.shape != (b, kvh, total2, o2.shape[4]) or o2.shape[4] < r_pad):
+            raise HierAttentionShapeError(f"second partials {o2.shape} / {m2.shape} do not fit T={t}, R={r}, D={d}")
     out = _pl.pallas_call(
-        _functools.partial(_merge_kernel, total=total, s_pad=s_pad, sc=sc, r=r, r_pad=r_pad, dblk=dblk),
+        _functools.partial(_merge_kernel, total=total, s_pad=s_pad, sc=sc, r=r, r_pad=r_pad, dblk=dblk, total2=total2),
         grid=(b, kvh, t, d // dblk),
         out_shape=_jax.ShapeDtypeStruct(shape, out_dtype),
         compiler_params=None if interpret else _plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="hier_attention_merge",
-    )(o, m, l)
+    )(o, m, l, *extra)
     if r_pad != r:
         out = out[:, :, :, :r].reshape(b, t, kvh * r, d)
     return out

@@ -165,10 +165,12 @@ class HierCache:
         if opts.use_pallas():
             from pallas_kernels.hier_attention import hier_attention_auto
 
+            # the draft's one-token steps may read the history with the Mosaic GPU kernel
+            history = opts.draft_history if not use_lower and q.shape[1] == 1 else "triton"
             fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
                 lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower, backend="pallas",
-                fixed_splits=opts.fixed_rows > 0, q_rows=q_rows, interpret=opts.interpret)
+                fixed_splits=opts.fixed_rows > 0, q_rows=q_rows, history=history, interpret=opts.interpret)
         else:
             fn = lambda qq, pp: hier_attention_reference(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,

@@ -255,7 +255,7 @@ def kv_bytes_fp(config, s):
 
 def bench(args):
     config = SHAPES[args.shape]
-    opts = ForwardOptions(backend=args.backend, fixed_rows=args.fixed_rows)
+    opts = ForwardOptions(backend=args.backend, fixed_rows=args.fixed_rows, draft_history=args.draft_history)
     dev = jax.devices()[0]
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
@@ -349,6 +349,8 @@ def main():
     p.add_argument("--weight-group", type=int, default=128)
     p.add_argument("--prefill", type=int, default=0, help="also time prefill of this many tokens")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--draft-history", default="triton", choices=["triton", "mosaic"],
+                   help="the draft attention's history kernel (ForwardOptions.draft_history)")
     p.add_argument("--fixed-rows", type=int, default=0,
                    help="ForwardOptions.fixed_rows (the GPU-exact mode): target forwards on this many rows")
     p.add_argument("--diagnose-no-cache-write", action="store_true",

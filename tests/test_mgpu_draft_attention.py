@@ -80,3 +80,53 @@ def test_bad_inputs_raise_before_launch():
         draft_history_partials(q16, *bad, qlen, interpret=True)
     with pytest.raises(MosaicDraftAttentionError, match="num_splits"):
         draft_history_partials(q16, *cache, qlen, num_splits=0, interpret=True)
+
+
+def _hier_case(rng, b, kvh, r, sq, sb, lens, dt=jnp.bfloat16):
+    """A draft step's inputs (T = 1) over a cache quantized by kv_quant, with its buffer."""
+    d = 128
+    k = jnp.asarray(rng.standard_normal((b, kvh, sq, d)) + 0.5 * rng.standard_normal((1, 1, 1, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, kvh, sq, d)), jnp.float32)
+    ku, kl, ks, km = kv_quant.quantize_keys(k, G)
+    vu, vl, vs, vm = kv_quant.quantize_values(v, G)
+    vu, vl = kv_quant.values_token_minor(vu, G), kv_quant.values_token_minor(vl, G)
+    lens = np.asarray(lens)
+    return (jnp.asarray(rng.standard_normal((b, 1, kvh * r, d)), dt), ku, kl, ks, km, vu, vl, vs, vm,
+            jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dt), jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dt),
+            jnp.asarray(lens[:, None], jnp.int32), jnp.asarray(G * np.maximum(lens // G - 1, 0), jnp.int32))
+
+
+def test_hier_attention_with_mosaic_history_matches_reference():
+    """hier_attention(history="mosaic"): the Mosaic kernel's history partials and the Triton
+    buffer-only launch, merged by one kernel, against the reference (rows of different lengths,
+    one with an empty history, GQA 4)."""
+    from pallas_kernels.hier_attention import hier_attention, hier_attention_reference
+
+    rng = np.random.default_rng(11)
+    args = _hier_case(rng, b=3, kvh=2, r=4, sq=4 * G, sb=2 * G + 16, lens=[4 * G - 3, 40, 2 * G + 5])
+    ref = hier_attention_reference(*[a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args],
+                                   group_size=G, use_lower=False)
+    got = hier_attention(*args, group_size=G, use_lower=False, history="mosaic", mosaic_splits=4, interpret=True)
+    tri = hier_attention(*args, group_size=G, use_lower=False, interpret=True)
+    ref, got, tri = (np.asarray(x, np.float32) for x in (ref, got, tri))
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 2e-2, err  # bf16 output
+    assert np.abs(got - ref).max() <= 2 * np.abs(tri - ref).max() + 1e-2
+
+
+def test_hier_attention_mosaic_history_rejects_other_shapes():
+    from pallas_kernels.hier_attention import HierAttentionShapeError, hier_attention
+
+    args = _hier_case(np.random.default_rng(0), b=1, kvh=2, r=4, sq=2 * G, sb=G + 16, lens=[G + 3])
+    with pytest.raises(HierAttentionShapeError, match="draft's kernel"):
+        hier_attention(*args, group_size=G, use_lower=True, history="mosaic", interpret=True)
+    with pytest.raises(HierAttentionShapeError, match="history must be"):
+        hier_attention(*args, group_size=G, use_lower=False, history="cuda", interpret=True)
+
+
+def test_forward_options_draft_history_is_checked():
+    from qspec_jax.model import ForwardOptions
+
+    assert ForwardOptions(draft_history="mosaic").draft_history == "mosaic"
+    with pytest.raises(ValueError, match="draft_history"):
+        ForwardOptions(draft_history="cuda")
