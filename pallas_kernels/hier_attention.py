@@ -281,7 +281,7 @@ def _attn_kernel(*refs, cfg):
     if fixed_chunk:  # split boundaries by position: a query's tiles do not depend on the other queries
         chunk = fixed_chunk
     else:
-        chunk = _cdiv(_cdiv(qmax, max(n_splits, 1)), bk) * bk
+        chunk = _cdiv(_cdiv(qmax, n_splits), bk) * bk
     start = si * chunk
     end = jnp.minimum(start + chunk, qmax)
     n_it = jnp.where(si < n_splits, _cdiv(jnp.maximum(end - start, 0), bk), 0)
@@ -400,9 +400,7 @@ def _attn_kernel(*refs, cfg):
     l0 = jnp.zeros((mp,), f32)
     acc0 = [jnp.zeros((mp, w), f32) for _ in range(2 * nch)]
     ex0 = [jnp.zeros((mp,), f32) for _ in vgroups]
-    if n_splits == 0:  # a buffer-only launch: the history's partials come from elsewhere (history="mosaic")
-        m_, l_, acc_, ex_ = m0, l0, acc0, ex0
-    elif prefetch:
+    if prefetch:
         # Step i computes the tile loaded during step i-1; every load is masked by the
         # program's range, so the extra prefetch past the end (and idle programs) read nothing.
         def load_tile(i):
@@ -493,7 +491,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                    block_k: int | None = None, block_kb: int = 64, num_splits: int | None = None,
                    buffer_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                    unpack: str = "auto", prefetch: bool | None = None, fixed_splits: bool = False,
-                   merge: str = "pallas", q_rows=None, history: str = "triton", mosaic_splits: int = 32,
+                   merge: str = "pallas", q_rows=None, history: str = "triton", mosaic_splits: int = 33,
                    interpret: bool = False):
     """Pallas flash-decoding over the hierarchical cache; same contract as the reference.
 
@@ -523,22 +521,24 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
       are (the exact mode of `ForwardOptions.fixed_rows`).
     q_rows: the queries already as the kernel's rows, f32 [B, KVH, rows, D] scaled by sm_scale *
       log2(e) (`pallas_kernels.qkv_to_cache`, which also ropes them); q then gives only shapes
-      and the output dtype.
+      and the output dtype. With history="mosaic" also f16 [B, KVH, 2, 16, D/2]
+      (`qkv_to_cache(q_layout="mosaic")`).
     merge: how the splits' partial outputs are combined: "pallas" (`merge_partials`, one kernel
       that also writes q.dtype in the [B, T, H, D] layout) or "xla" (max, then the weighted sums).
-    history: "triton" (this kernel reads the quantized history too) or "mosaic" (the draft only:
-      T = 1, upper plane, D = G = 128: `pallas_kernels.mgpu_draft_attention` reads the history in
-      `mosaic_splits` programs, this kernel only the buffer, one merge takes both; H100 session 11).
+    history: "triton" (this kernel) or "mosaic" (the draft only: T = 1, upper plane, D = G = 128:
+      `pallas_kernels.mgpu_draft_attention` reads the history in mosaic_splits - 1 programs and
+      the buffer in one more (33: 32 + 1, one wave of the H100's 2 programs per SM at 8 KV heads),
+      and `merge_partials` takes its partials; H100 session 11).
     """
     if merge not in ("pallas", "xla"):
         raise HierAttentionShapeError(f"merge must be 'pallas' or 'xla', got {merge!r}")
     if history not in ("triton", "mosaic"):
         raise HierAttentionShapeError(f"history must be 'triton' or 'mosaic', got {history!r}")
     if history == "mosaic" and (use_lower or q.shape[1] != 1 or q.shape[3] != 128 or group_size != 128
-                                or merge != "pallas" or fixed_splits or not _is_pow2(mosaic_splits)):
+                                or merge != "pallas" or fixed_splits or mosaic_splits < 2):
         raise HierAttentionShapeError(
             "history='mosaic' is the draft's kernel: T = 1, use_lower=False, head_dim = group_size = 128, "
-            f"merge='pallas', no fixed_splits, power-of-2 mosaic_splits (got T={q.shape[1]}, use_lower={use_lower}, "
+            f"merge='pallas', no fixed_splits, mosaic_splits >= 2 (got T={q.shape[1]}, use_lower={use_lower}, "
             f"D={q.shape[3]}, G={group_size}, merge={merge!r}, fixed_splits={fixed_splits}, {mosaic_splits})")
     block_k, num_stages = resolve_defaults(block_k, num_stages)
     check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, positions,
@@ -575,8 +575,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     nsub = block_k // tk
     n_splits = auto_num_splits(b, kvh, sq, block_k, mrows) if num_splits is None else num_splits
     n_splits = max(1, min(n_splits, _cdiv(sq, block_k)))
-    if history == "mosaic":
-        n_splits = 0  # this launch reads the buffer only
+
     if fixed_splits:
         buffer_splits, block_kb = 1, min(block_kb, g)
         if num_splits is None:  # chunks of ~1024 tokens (<= 128 of them): a row much shorter than the
@@ -594,6 +593,8 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     # Rows (t, r) of KV head k: query head k*R + r at time t.
     if q_rows is None:
         qh = query_rows(q, kvh, sm_scale)
+    elif history == "mosaic" and q_rows.shape == (b, kvh, 2, 16, d // 2) and q_rows.dtype == jnp.float16:
+        qh = None  # already the Mosaic kernel's operand (qkv_to_cache(q_layout="mosaic"))
     elif q_rows.shape != (b, kvh, mp, d) or q_rows.dtype != jnp.float32:
         raise HierAttentionShapeError(f"q_rows must be float32 {(b, kvh, mp, d)}, got {q_rows.dtype} {q_rows.shape}")
     else:
@@ -607,6 +608,17 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     brange = jnp.stack([jnp.clip(jnp.min(qlen, axis=1) - bst, 0, sb),
                         jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
+    if history == "mosaic":  # the Mosaic kernel takes the history and the buffer; one merge kernel
+        from pallas_kernels.mgpu_draft_attention import draft_history_partials, mosaic_query_rows
+
+        bdt = buf_k.dtype if buf_k.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        q16 = q_rows if q_rows is not None and q_rows.dtype == jnp.float16 else mosaic_query_rows(qh)
+        second = draft_history_partials(
+            q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen[:, 0], group_size=g,
+            buffer=(buf_k.astype(bdt), buf_v.astype(bdt), buf_start.astype(jnp.int32), positions[:, 0]),
+            num_splits=mosaic_splits, interpret=interpret)
+        return merge_partials(None, None, None, total=0, t=t, r=r, out_dtype=q.dtype, second=(*second, mosaic_splits),
+                              interpret=interpret)
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
            use_lower, magic, block_k > g, prefetch, fixed_chunk, asm, int8)
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [
@@ -631,12 +643,6 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
         interpret=interpret,
         name="hier_attention",
     )(*args)
-    if history == "mosaic":
-        from pallas_kernels.mgpu_draft_attention import draft_history_partials, mosaic_query_rows
-
-        second = draft_history_partials(mosaic_query_rows(qh), k_upper, k_scale, k_min, v_upper, v_scale, v_min,
-                                        qlen[:, 0], group_size=g, num_splits=mosaic_splits, interpret=interpret)
-        return merge_partials(o, m, l, total=total, t=t, r=r, out_dtype=q.dtype, second=second, interpret=interpret)
     if merge == "pallas":
         return merge_partials(o, m, l, total=total, t=t, r=r, out_dtype=q.dtype, interpret=interpret)
     # LSE merge of the partials (log2 domain) in XLA: three fusions.
@@ -649,11 +655,11 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     return out.astype(q.dtype)
 
 
-def _merge_kernel(*refs, total, s_pad, sc, r, r_pad, dblk, total2=0):
+def _merge_kernel(*refs, total, s_pad, sc, r, r_pad, dblk, total2=0, s2_pad=0):
     """Program (b, KV head, token, channel block): that token's R query heads. The maximum over
     all splits first (m is small), then the weighted sums over chunks of sc splits."""
-    o_ref, m_ref, l_ref = refs[:3]
-    o2_ref, m2_ref, l2_ref = refs[3:6] if total2 else (None,) * 3
+    o_ref, m_ref, l_ref = refs[:3] if total else (None,) * 3
+    o2_ref, m2_ref, l2_ref = refs[3 if total else 0:][:3] if total2 else (None,) * 3
     out_ref = refs[-1]
     bi, hi, ti, di = (_pl.program_id(i) for i in range(4))
     f32 = jnp.float32
@@ -670,11 +676,13 @@ def _merge_kernel(*refs, total, s_pad, sc, r, r_pad, dblk, total2=0):
         o = _plgpu.load(o_ref.at[bi, hi, _pl.ds(s0, sc), rows, cols], mask=ok, other=0.0)  # [sc, r_pad, dblk]
         return m_all if sc == s_pad else stats(m_ref, s0, sc, NEG_INF), stats(l_ref, s0, sc, 0.0), o
 
-    m_all = stats(m_ref, 0, s_pad, NEG_INF)  # [s_pad, r_pad]
-    first = chunk(0)  # issued before the maximum (a cross-warp reduction) waits on m: one latency, not two
-    m_top = jnp.max(m_all, axis=0)  # [r_pad]
+    m_top = jnp.full((r_pad,), NEG_INF, f32)
+    if total:
+        m_all = stats(m_ref, 0, s_pad, NEG_INF)  # [s_pad, r_pad]
+        first = chunk(0)  # issued before the maximum (a cross-warp reduction) waits on m: one latency, not two
+        m_top = jnp.max(m_all, axis=0)  # [r_pad]
     if total2:  # the second set: partials transposed, o2 [.., D, 16] (pallas_kernels.mgpu_draft_attention)
-        ok2 = (jnp.arange(total2, dtype=jnp.int32) < total2)[:, None] & rmask[None, :]
+        ok2 = (jnp.arange(s2_pad, dtype=jnp.int32) < total2)[:, None] & rmask[None, :]
         m2 = _plgpu.load(m2_ref.at[bi, hi, :, rows], mask=ok2, other=NEG_INF)  # [total2, r_pad]
         l2 = _plgpu.load(l2_ref.at[bi, hi, :, rows], mask=ok2, other=0.0)
         o2 = _plgpu.load(o2_ref.at[bi, hi, :, cols, rows], mask=ok2[:, None, :], other=0.0)  # [total2, dblk, r_pad]
@@ -685,7 +693,7 @@ def _merge_kernel(*refs, total, s_pad, sc, r, r_pad, dblk, total2=0):
         wgt2 = jnp.exp2(m2 - m_top[None, :])
         den = den + jnp.sum(wgt2 * l2, axis=0)
         num = num + jnp.sum(wgt2[:, None, :] * o2, axis=0).T
-    for s0 in range(0, s_pad, sc):
+    for s0 in range(0, s_pad if total else 0, sc):
         mm, ll, o = first if s0 == 0 else chunk(s0)
         wgt = jnp.exp2(mm - m_top[None, :])
         den = den + jnp.sum(wgt * ll, axis=0)
@@ -708,31 +716,39 @@ def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, second=Non
     merge kernel, one program per row and KV head, lost to XLA). A row's output depends on its
     own partials only, in a fixed order: the exact mode's row invariance holds.
 
-    second: optional (o2, m2, l2) of more splits in the Mosaic draft kernel's layout, o2 f32
-    [B, KVH, S2, D, rows2] (transposed), m2 / l2 [B, KVH, S2, rows2] (T = 1; S2 a power of 2)."""
-    b, kvh, s_alloc, rows_alloc, d = o.shape
+    second: optional (o2, m2, l2[, total2]) of more splits in the Mosaic draft kernel's layout, o2
+    f32 [B, KVH, S2, D, rows2] (transposed), m2 / l2 [B, KVH, S2, rows2] (T = 1; S2 a power of 2,
+    the first total2 written);
+    o, m, l may then be None (the Mosaic kernel took the buffer too)."""
     r_pad = _next_pow2(r)
-    s_pad = _next_pow2(total)
-    if s_alloc < s_pad or rows_alloc < (t - 1) * r + r_pad:
+    if o is None:  # the second set alone
+        b, kvh, _, d, _ = second[0].shape
+        s_alloc = rows_alloc = s_pad = total = 0
+    else:
+        b, kvh, s_alloc, rows_alloc, d = o.shape
+        s_pad = _next_pow2(total)
+    if o is not None and (s_alloc < s_pad or rows_alloc < (t - 1) * r + r_pad):
         raise HierAttentionShapeError(f"partials {o.shape} too small for {total} splits, T={t}, R={r}")
     dblk = min(d, 32)
-    sc = min(s_pad, max(1, 8192 // (r_pad * dblk)))
+    sc = min(max(s_pad, 1), max(1, 8192 // (r_pad * dblk)))
     shape = (b, t, kvh * r, d) if r_pad == r else (b, t, kvh, r_pad, d)
-    total2, extra = 0, ()
+    total2, s2_pad, extra = 0, 0, ()
     if second is not None:
-        o2, m2, l2 = extra = tuple(second)
-        total2 = o2.shape[2]
-        if (t != 1 or o2.shape[:2] != (b, kvh) or o2.shape[3] != d or not _is_pow2(total2)
-                or m2.shape != l2.shape or m2.shape != (b, kvh, total2, o2.shape[4]) or o2.shape[4] < r_pad):
+        o2, m2, l2 = extra = tuple(second[:3])
+        s2_pad = o2.shape[2]
+        total2 = second[3] if len(second) > 3 else s2_pad
+        if (t != 1 or o2.shape[:2] != (b, kvh) or o2.shape[3] != d or not _is_pow2(s2_pad) or total2 > s2_pad
+                or m2.shape != l2.shape or m2.shape != (b, kvh, s2_pad, o2.shape[4]) or o2.shape[4] < r_pad):
             raise HierAttentionShapeError(f"second partials {o2.shape} / {m2.shape} do not fit T={t}, R={r}, D={d}")
     out = _pl.pallas_call(
-        _functools.partial(_merge_kernel, total=total, s_pad=s_pad, sc=sc, r=r, r_pad=r_pad, dblk=dblk, total2=total2),
+        _functools.partial(_merge_kernel, total=total, s_pad=s_pad, sc=sc, r=r, r_pad=r_pad, dblk=dblk, total2=total2,
+                           s2_pad=s2_pad),
         grid=(b, kvh, t, d // dblk),
         out_shape=_jax.ShapeDtypeStruct(shape, out_dtype),
         compiler_params=None if interpret else _plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="hier_attention_merge",
-    )(o, m, l, *extra)
+    )(*((o, m, l) if o is not None else ()), *extra)
     if r_pad != r:
         out = out[:, :, :, :r].reshape(b, t, kvh * r, d)
     return out

@@ -35,6 +35,7 @@ from jax import lax
 N_ROWS = 16  # query rows per (row, KV head): wgmma's N (P as B needs rows of >= 32 bytes)
 HEAD_DIM = 128
 GROUP = 128  # tokens per step = the key statistics' group
+TB = 64  # buffer slots per step
 WGMMA = plgpu.Layout.WGMMA
 COL = plgpu.Layout.WGMMA.reduce(0)  # an [N] vector broadcast along the token axis of [tokens, N]
 
@@ -88,11 +89,12 @@ def dequant_nibble(x, high: bool, scale, minimum, cdt, interpret: bool):
     return unpack_asm(high, x.shape, cdt)(plgpu.layout_cast(x, WGMMA), sc, mn)
 
 
-def mosaic_query_rows(q_rows):
+def mosaic_query_rows(q_rows, dtype=jnp.float16):
     """The attention's query rows f32 [B, KVH, rows <= 16, D] (`qkv_to_cache.query_rows`: scaled,
-    log2 domain) -> the kernel's B operands f16 [B, KVH, 2, 16, D/2] (channel halves, zero rows)."""
+    log2 domain) -> the kernel's B operands [B, KVH, 2, 16, D/2] in dtype (channel halves, zero
+    rows)."""
     b, kvh, rows, d = q_rows.shape
-    q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, N_ROWS - rows), (0, 0))).astype(jnp.float16)
+    q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, N_ROWS - rows), (0, 0))).astype(dtype)
     return q.reshape(b, kvh, N_ROWS, 2, d // 2).transpose(0, 1, 3, 2, 4)
 
 
@@ -116,19 +118,39 @@ def check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, grou
                                             " (values: one statistic per token, head_dim <= G)")
 
 
-def draft_history_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, *, group_size: int = GROUP,
-                           num_splits: int = 32, stages: int = 2, interpret: bool = False):
+def draft_history_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, *, buffer=None,
+                           group_size: int = GROUP, num_splits: int = 32, stages: int = 2, interpret: bool = False):
     """Flash-decoding partials of the draft's attention over the quantized history (upper planes).
 
     q16 f16 [B, KVH, 2, 16, 64] (`mosaic_query_rows`); the cache's layer arrays as `HierCache`
     stores them (k_upper uint8 [B, KVH, S, 64], k_scale / k_min f16 [B, KVH, S/G, 128], v_upper
     uint8 [B, KVH, S/G, 64, G], v_scale / v_min f16 [B, KVH, S, 1]); qlen int32 [B]: the quantized
-    tokens each row attends to (a multiple of G, <= S). Returns o^T f32 [B, KVH, splits, 128, 16]
-    (unnormalized), m and l f32 [B, KVH, splits, 16] (log2 domain; m = -1e30, l = 0 for an empty
-    split)."""
+    tokens each row attends to (a multiple of G, <= S). Returns o^T f32 [B, KVH, S', 128, 16]
+    (unnormalized), m and l f32 [B, KVH, S', 16] (log2 domain; m = -1e30, l = 0 for an empty
+    split), S' = num_splits rounded up to a power of 2: only the first num_splits are written.
+
+    buffer: optional (buf_k, buf_v, buf_start, positions): the full-precision buffer's part in
+    the last program of each (row, KV head), so the history gets num_splits - 1. buf_k / buf_v
+    bf16 or f16 [B, KVH, Sb, 128] (Sb a multiple of 8), buf_start and positions int32 [B] (T = 1):
+    slots [qlen - buf_start, position - buf_start] are visible. 64 slots per step, converted to
+    f16 in registers (the values loaded transposed) for the same f16 products."""
     check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, group_size)
-    if num_splits < 1 or stages < 1:
-        raise MosaicDraftAttentionError(f"num_splits and stages must be >= 1, got {num_splits}, {stages}")
+    if num_splits < 1 or stages < 1 or (buffer is not None and num_splits < 2):
+        raise MosaicDraftAttentionError(f"num_splits and stages must be >= 1 (2 with a buffer), got {num_splits}, {stages}")
+    buffered = buffer is not None
+    if buffered:
+        buf_k, buf_v, buf_start, positions = buffer
+        bdt = buf_k.dtype
+        sb = buf_k.shape[2]
+        if (bdt not in (jnp.bfloat16, jnp.float16) or buf_v.dtype != bdt or buf_k.shape != buf_v.shape
+                or buf_k.shape[:2] != k_upper.shape[:2] or buf_k.shape[3] != HEAD_DIM or sb < TB or sb % 8
+                or buf_start.shape != qlen.shape
+                or positions.shape != qlen.shape):
+            raise MosaicDraftAttentionError(
+                f"buffer: bf16 / f16 [B, KVH, Sb >= {TB} (a multiple of 8), 128] K and V, buf_start [B], "
+                f"positions [B]; got {buf_k.dtype} {buf_k.shape}, {buf_v.dtype} {buf_v.shape}, "
+                f"{buf_start.shape}, {positions.shape}")
+    hs = num_splits - 1 if buffered else num_splits  # programs over the history
     b, kvh, sq, half = k_upper.shape
     nt = sq // GROUP
     g, n, cdt = GROUP, N_ROWS, jnp.float16
@@ -136,18 +158,23 @@ def draft_history_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min
     def tr(row_bytes, itemsize):  # tiling + swizzle of a shared-memory operand with rows of row_bytes
         return (plgpu.TilingTransform((8, row_bytes // itemsize)), plgpu.SwizzleTransform(row_bytes))
 
-    def body(qlen_g, q_g, ku_g, ks_g, km_g, vu_g, vs_g, vm_g, o_g, m_g, l_g,
-             qlen_s, q_s, pv_s, ak_s, av_s, o_s, m_s, l_s, bar, ku_b, ks_b, km_b, vu_b, vs_b, vm_b, bars):
+    def body(*refs):
+        it = iter(refs)
+        qlen_g, q_g, ku_g, ks_g, km_g, vu_g, vs_g, vm_g = (next(it) for _ in range(8))
+        bk_g, bv_g = (next(it) for _ in range(2)) if buffered else (None,) * 2
+        o_g, m_g, l_g, qlen_s, q_s, pv_s, ak_s, av_s, o_s, m_s, l_s, bar = (next(it) for _ in range(12))
+        ku_b, ks_b, km_b, vu_b, vs_b, vm_b, bars = (next(it) for _ in range(7))
+        kbuf_s, vbuf_s, bbar = (next(it) for _ in range(3)) if buffered else (None,) * 3
         bh, sp = lax.axis_index("bh"), lax.axis_index("sp")
         bi, hi = bh // kvh, bh % kvh
         plgpu.copy_gmem_to_smem(qlen_g, qlen_s, bar.at[0])
         plgpu.copy_gmem_to_smem(q_g.at[bi, hi], q_s, bar.at[1])
         plgpu.barrier_wait(bar.at[0])
         plgpu.barrier_wait(bar.at[1])
-        groups = qlen_s[bi] // g
-        chunk = (groups + num_splits - 1) // num_splits
+        groups = qlen_s[0, bi] // g
+        chunk = (groups + hs - 1) // hs
         g0 = sp * chunk
-        steps = jnp.clip(groups - g0, 0, chunk)
+        steps = jnp.where(sp < hs, jnp.clip(groups - g0, 0, chunk), 0)
 
         def a_operand(x, stage):  # the interpreter's wgmma takes A from shared memory only
             if not interpret:
@@ -221,7 +248,56 @@ def draft_history_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min
         z = plgpu.layout_cast(jnp.zeros((half, n), jnp.float32), WGMMA)
         init = (z, z, plgpu.layout_cast(jnp.full((n,), -1e30, jnp.float32), COL),
                 plgpu.layout_cast(jnp.zeros((n,), jnp.float32), COL))
-        acc_lo, acc_hi, m, l = lax.fori_loop(0, steps, loop, init)
+        carry = lax.fori_loop(0, steps, loop, init)
+        if buffered:  # the last program: the buffer's visible slots [lo, hi), 64 per step
+            lo = qlen_s[0, bi] - qlen_s[1, bi]
+            end = qlen_s[2, bi] - qlen_s[1, bi] + 1
+            nb = jnp.where(sp == hs, (end - lo + TB - 1) // TB, 0)
+
+            def bloop(i, carry):
+                acc_lo, acc_hi, m, l = carry
+                t0 = lo + i * TB
+                tc = pl.multiple_of(jnp.minimum(t0, sb - TB), 8)  # a last tile past the end starts earlier ...
+                for nib in range(2):  # per channel half (the values' A is each half transposed)
+                    cols = pl.ds(nib * half, half)
+                    plgpu.copy_gmem_to_smem(bk_g.at[bi, hi, pl.ds(tc, TB), cols], kbuf_s.at[nib], bbar.at[2 * nib])
+                    plgpu.copy_gmem_to_smem(bv_g.at[bi, hi, pl.ds(tc, TB), cols], vbuf_s.at[nib], bbar.at[2 * nib + 1])
+                for j in range(4):
+                    plgpu.barrier_wait(bbar.at[j])
+                # A in registers in f16 (the buffer's bf16 converted; B = the same f16 query rows)
+                keys = [a_operand(plgpu.load(kbuf_s.at[nib], layout=WGMMA).astype(cdt),
+                                  ak_s.at[nib, pl.ds(0, TB)] if interpret else None) for nib in range(2)]
+                if interpret:
+                    s = sum(product(keys[nib], q_s.at[nib].T, (TB, n)) for nib in range(2))
+                else:
+                    def scores(acc_ref):
+                        for nib in range(2):
+                            plgpu.wgmma(acc_ref, keys[nib], q_s.at[nib].T)
+                        plgpu.wgmma_wait(0)
+                        return acc_ref[...]
+                    s = plgpu.layout_cast(pl.run_scoped(scores, plgpu.ACC((TB, n), jnp.float32)), WGMMA)
+                tok = plgpu.broadcasted_iota(jnp.int32, (TB, n), 0, layout=WGMMA) + tc
+                vis = (tok >= t0) & (tok < end)  # ... and masks the slots it repeats
+                s = jnp.where(vis, s, -1e30)
+                m_new = plgpu.layout_cast(jnp.maximum(m, jnp.max(s, axis=0)), COL)
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.where(vis, jnp.exp2(s - lax.broadcast_in_dim(m_new, (TB, n), [1])), 0.0)
+                l = l * alpha + jnp.sum(p, axis=0)
+                pvb = pv_s.at[pl.ds(0, TB)]
+                pvb[...] = p.astype(cdt)
+                plgpu.commit_smem()
+                vals = [a_operand(plgpu.load(vbuf_s.at[nib].T, layout=WGMMA).astype(cdt),
+                                  av_s.at[nib, :, pl.ds(0, TB)] if interpret else None)
+                        for nib in range(2)]  # A = V^T: the half's tile loaded transposed
+                scale = lax.broadcast_in_dim(alpha, (half, n), [1])
+                # (jax 0.11.2: a shared-memory A with this N-major B fails layout inference, and an A
+                # made from a transposed load does not lower inside run_state)
+                acc_lo = acc_lo * scale + product(vals[0], pvb, (half, n))
+                acc_hi = acc_hi * scale + product(vals[1], pvb, (half, n))
+                return acc_lo, acc_hi, m_new, l
+
+            carry = lax.fori_loop(0, nb, bloop, carry)
+        acc_lo, acc_hi, m, l = carry
         o_s[0] = acc_lo
         o_s[1] = acc_hi
         m_s[...] = m
@@ -236,26 +312,33 @@ def draft_history_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min
     stage_a = [plgpu.SMEM((2, g, half), cdt, transforms=tr(2 * half, 2)),
                plgpu.SMEM((2, half, g), cdt, transforms=tr(128, 2))] if interpret else [
         plgpu.SMEM((1,), f32), plgpu.SMEM((1,), f32)]  # (on the GPU A stays in registers)
-    scratch = [plgpu.SMEM((bpad,), jnp.int32), plgpu.SMEM((2, n, half), cdt, transforms=tr(2 * half, 2)),
+    scratch = [plgpu.SMEM((3, bpad), jnp.int32), plgpu.SMEM((2, n, half), cdt, transforms=tr(2 * half, 2)),
                plgpu.SMEM((g, n), cdt, transforms=tr(2 * n, 2)), *stage_a,
                plgpu.SMEM((2, half, n), f32), plgpu.SMEM((n,), f32), plgpu.SMEM((n,), f32), plgpu.Barrier(num_barriers=2),
                plgpu.SMEM((stages, g, half), i8, transforms=tr(half, 1)), plgpu.SMEM((stages, 1, 2 * half), cdt),
                plgpu.SMEM((stages, 1, 2 * half), cdt), plgpu.SMEM((stages, 1, half, g), i8, transforms=tr(g, 1)),
                plgpu.SMEM((stages, g), cdt), plgpu.SMEM((stages, g), cdt),
                plgpu.Barrier(num_arrivals=6, num_barriers=stages)]
+    if buffered:
+        scratch += [plgpu.SMEM((2, TB, half), bdt, transforms=tr(128, 2)),
+                    plgpu.SMEM((2, TB, half), bdt, transforms=tr(128, 2)), plgpu.Barrier(num_barriers=4)]
     params = None
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         params = InterpretGPUParams()
-    out = (jax.ShapeDtypeStruct((b, kvh, num_splits, 2, half, n), f32),
-           jax.ShapeDtypeStruct((b, kvh, num_splits, n), f32), jax.ShapeDtypeStruct((b, kvh, num_splits, n), f32))
+    s_alloc = 1 << (num_splits - 1).bit_length()  # (a power of 2 for the merge kernel's loads; the
+    # slots past num_splits are never written and never read unmasked)
+    out = (jax.ShapeDtypeStruct((b, kvh, s_alloc, 2, half, n), f32),
+           jax.ShapeDtypeStruct((b, kvh, s_alloc, n), f32), jax.ShapeDtypeStruct((b, kvh, s_alloc, n), f32))
     kernel = plgpu.kernel(
         body, out_type=out, scratch_types=scratch, grid=(b * kvh, num_splits), grid_names=("bh", "sp"),
         num_threads=1, thread_name="wg", interpret=params,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True,
                                              unsafe_no_auto_barriers=True))
     bits = lambda x: lax.bitcast_convert_type(x, i8)  # noqa: E731  (same width: free)
-    o, m, l = kernel(jnp.pad(qlen, (0, bpad - b)), q16, bits(k_upper), k_scale, k_min,
+    scalars = [qlen] + ([buf_start, positions] if buffered else [qlen, qlen])
+    scalars = jnp.pad(jnp.stack([x.astype(jnp.int32) for x in scalars]), ((0, 0), (0, bpad - b)))
+    o, m, l = kernel(scalars, q16, bits(k_upper), k_scale, k_min,
                      bits(v_upper).reshape(b * kvh * nt, half, g),  # (a TMA window needs <= 5 dims)
-                     v_scale[..., 0], v_min[..., 0])
-    return o.reshape(b, kvh, num_splits, 2 * half, n), m, l
+                     v_scale[..., 0], v_min[..., 0], *((buf_k, buf_v) if buffered else ()))
+    return o.reshape(b, kvh, s_alloc, 2 * half, n), m, l

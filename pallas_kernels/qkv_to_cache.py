@@ -59,10 +59,11 @@ def query_rows(q, num_kv_heads: int, sm_scale: float):
 
 
 def qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_heads: int,
-                           sm_scale: float | None = None):
+                           sm_scale: float | None = None, q_layout: str = "rows"):
     """qkv [B, T, (H + 2 KVH) * D] (q | k | v columns), cos / sin f32 [B, T, D], buffers
     [B, KVH, Sb, D], slot int32 [B] (buffer slot of each row's first new token).
-    Returns (q_rows f32 [B, KVH, rows, D], buf_k, buf_v)."""
+    Returns (q_rows f32 [B, KVH, rows, D], buf_k, buf_v); q_layout "mosaic": the queries as the
+    Mosaic draft attention's f16 [B, KVH, 2, 16, D/2] (`mgpu_draft_attention.mosaic_query_rows`)."""
     b, t, n = qkv.shape
     h, kvh = num_heads, num_kv_heads
     d = n // (h + 2 * kvh)
@@ -70,11 +71,14 @@ def qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int,
     q, k = apply_rope(x[:, :, :h], cos, sin), apply_rope(x[:, :, h:h + kvh], cos, sin)
     v = x[:, :, h + kvh:]
     q_rows = query_rows(q, kvh, d ** -0.5 if sm_scale is None else sm_scale)
+    if q_layout == "mosaic":
+        from pallas_kernels.mgpu_draft_attention import mosaic_query_rows
+        q_rows = mosaic_query_rows(q_rows)
     return q_rows, write_rows(buf_k, k.transpose(0, 2, 1, 3), slot), write_rows(buf_v, v.transpose(0, 2, 1, 3), slot)
 
 
 def _kernel(qkv_ref, cos_ref, sin_ref, slot_ref, _bk_in, _bv_in, q_ref, bk_ref, bv_ref, *, t, h, kvh, r, r_pad,
-            half, rows, sb, scale, dtype):
+            half, rows, sb, scale, dtype, mosaic):
     """Program (row b, KV head, token t). Every load is issued before the first store: the
     compiler cannot move a load above a store it may alias, and one token per program keeps
     the latency at one round trip whatever T is (T = 4 in one program: 5.3 us, H100)."""
@@ -97,20 +101,25 @@ def _kernel(qkv_ref, cos_ref, sin_ref, slot_ref, _bk_in, _bv_in, q_ref, bk_ref, 
     for ref, vals in ((bk_ref, rope(*kx)), (bv_ref, vx)):
         for val, c in zip(vals, sides):
             plgpu.store(ref.at[bi, hk, slot + ti, c], val.astype(ref.dtype), mask=ok)
-    for val, c in zip(rope(*qx), sides):
-        plgpu.store(q_ref.at[bi, hk, pl.ds(ti * r, r_pad), c], val.astype(f32) * scale, mask=qmask[:, None])
+    # mosaic: q_ref [B, KVH, 2, rows, D/2] f16, one channel half per index of axis 2
+    qdst = (lambda i, rr: q_ref.at[bi, hk, jnp.int32(i), rr, pl.ds(0, half)]) if mosaic else (lambda i, rr: q_ref.at[bi, hk, rr, sides[i]])
+    for i, val in enumerate(rope(*qx)):
+        plgpu.store(qdst(i, pl.ds(ti * r, r_pad)), (val.astype(f32) * scale).astype(q_ref.dtype), mask=qmask[:, None])
     # the padded query rows (token 0's program): zeros (the attention computes them and masks their outputs)
     pad = (jnp.arange(rows, dtype=jnp.int32) >= t * r) & (ti == 0)
-    for c in sides:
-        plgpu.store(q_ref.at[bi, hk, pl.ds(0, rows), c], jnp.zeros((rows, half), f32), mask=pad[:, None])
+    for i in range(2):
+        plgpu.store(qdst(i, pl.ds(0, rows)), jnp.zeros((rows, half), q_ref.dtype), mask=pad[:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "sm_scale", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_kv_heads", "sm_scale", "num_warps", "q_layout",
+                                             "interpret"))
 def qkv_to_cache(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_heads: int,
-                 sm_scale: float | None = None, num_warps: int = 2, interpret: bool = False):
+                 sm_scale: float | None = None, num_warps: int = 2, q_layout: str = "rows", interpret: bool = False):
     """Pallas version of `qkv_to_cache_reference` (same contract; the same numbers up to the fma
     contraction of the float32 rope). Inside a jitted decode loop whose buffers are carried, the
-    buffer updates are in place (input_output_aliases; the draft step's profile shows no copies)."""
+    buffer updates are in place (input_output_aliases; the draft step's profile shows no copies).
+    q_layout "mosaic" writes the queries as the Mosaic draft attention takes them (T * R <= 16),
+    which saves a transpose kernel per layer."""
     err = QkvToCacheError
     if qkv.ndim != 3 or cos.shape != sin.shape or cos.ndim != 3 or cos.shape[:2] != qkv.shape[:2]:
         raise err(f"qkv must be [B, T, N] and cos / sin [B, T, D]: {qkv.shape}, {cos.shape}, {sin.shape}")
@@ -127,15 +136,19 @@ def qkv_to_cache(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_he
         raise err(f"slot must be [B] = ({b},), got {slot.shape}")
     r = h // kvh
     rows = query_rows_count(t, r)
+    if q_layout not in ("rows", "mosaic") or (q_layout == "mosaic" and rows != 16):
+        raise err(f"q_layout must be 'rows' or 'mosaic' (T * R <= 16), got {q_layout!r} with T * R = {t * r}")
+    mosaic = q_layout == "mosaic"
+    q_type = (jax.ShapeDtypeStruct((b, kvh, 2, rows, d // 2), jnp.float16) if mosaic
+              else jax.ShapeDtypeStruct((b, kvh, rows, d), jnp.float32))
     scale = (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
     kernel = functools.partial(_kernel, t=t, h=h, kvh=kvh, r=r, r_pad=_next_pow2(r), half=d // 2, rows=rows,
-                               sb=buf_k.shape[2], scale=scale, dtype=qkv.dtype)
+                               sb=buf_k.shape[2], scale=scale, dtype=qkv.dtype, mosaic=mosaic)
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     return pl.pallas_call(
         kernel,
         grid=(b, kvh, t),
-        out_shape=[jax.ShapeDtypeStruct((b, kvh, rows, d), jnp.float32),
-                   jax.ShapeDtypeStruct(buf_k.shape, buf_k.dtype),
+        out_shape=[q_type, jax.ShapeDtypeStruct(buf_k.shape, buf_k.dtype),
                    jax.ShapeDtypeStruct(buf_v.shape, buf_v.dtype)],
         input_output_aliases={4: 1, 5: 2},
         compiler_params=params,

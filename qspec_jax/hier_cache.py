@@ -150,9 +150,11 @@ class HierCache:
         b, t, _ = qkv.shape
         d = lc.buf_k.shape[3]
         bs = self.buf_start
+        # the Mosaic draft attention takes its queries in its own layout (saves a transpose kernel)
+        mosaic = view == DRAFT and t == 1 and opts.draft_history == "mosaic"
         q_rows, buf_k, buf_v = qkv_to_cache(qkv, cos, sin, lc.buf_k, lc.buf_v, positions[:, 0] - bs,
                                             num_heads=num_heads, num_kv_heads=lc.buf_k.shape[1],
-                                            interpret=opts.interpret)
+                                            q_layout="mosaic" if mosaic else "rows", interpret=opts.interpret)
         lc = lc.replace(buf_k=buf_k, buf_v=buf_v)
         q_shape = qkv[:, :, :num_heads * d].reshape(b, t, num_heads, d)  # shapes and dtype only
         out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows)

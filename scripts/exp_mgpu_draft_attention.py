@@ -325,6 +325,18 @@ def check_module(seed: int = 0) -> None:
         p = np.exp2(s_ - s_.max(-1, keepdims=True))
         ref = np.einsum("hnt,htd->hnd", p / p.sum(-1, keepdims=True), v[bi, :, :n])[:, :4]
         print(f"module check row {bi} (qlen {n}): max rel err {np.abs(got[bi, :, :4] - ref).max() / np.abs(ref).max():.2e}")
+    # hier_attention(history="mosaic"): history and buffer in the Mosaic kernel, one merge
+    from pallas_kernels.hier_attention import hier_attention, hier_attention_reference
+    sys.path.insert(0, "scripts")
+    from bench_kernels import quantized_case
+    for lens in ([8000], [8190, 300], [255, 4100]):
+        args = quantized_case(np.random.default_rng(len(lens)), len(lens), 1, 8, 4, D, G, 8192, 272, lens,
+                              jnp.bfloat16)
+        ref = np.asarray(hier_attention_reference(*[a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a
+                                                    for a in args], group_size=G, use_lower=False), np.float64)
+        for hist in ("triton", "mosaic"):
+            got = np.asarray(hier_attention(*args, group_size=G, use_lower=False, history=hist), np.float64)
+            print(f"hier_attention history={hist} lens={lens}: max rel err {np.abs(got - ref).max() / np.abs(ref).max():.2e}")
     for S, n in ((32768, 32768), (65536, 65536), (131072, 131072), (131072, 32768)):
         ks = jax.random.split(jax.random.key(S + n), 7)
         u8 = lambda k_, shape: jax.random.bits(k_, shape, jnp.uint8)  # noqa: E731

@@ -69,7 +69,9 @@ def main():
              "reference": ForwardOptions(backend="reference"),
              # the exact mode: every target forward on 8 token rows, position-fixed attention splits
              "pallas+fixed8": ForwardOptions(backend="auto", fixed_rows=8),
-             "reference+fixed8": ForwardOptions(backend="reference", fixed_rows=8)}
+             "reference+fixed8": ForwardOptions(backend="reference", fixed_rows=8),
+             # the same with the draft's history and buffer read by the Mosaic GPU kernel (needs "long")
+             "pallas+fixed8+mosaic": ForwardOptions(backend="auto", fixed_rows=8, draft_history="mosaic")}
     gammas = (1, 4, 7)
     wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else ["pallas", "reference+exact_rows"]
     for mode, opts in ((m, modes[m]) for m in wanted):

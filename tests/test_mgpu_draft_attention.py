@@ -36,7 +36,8 @@ def test_partials_match_dequantized_attention_per_row_lengths():
     q_rows = jnp.asarray(rng.standard_normal((b, kvh, rows, 128)) * 0.3, jnp.float32)
     q16 = mosaic_query_rows(q_rows)
     o, m, l = draft_history_partials(q16, *cache, qlen, num_splits=splits, interpret=True)
-    assert o.shape == (b, kvh, splits, 128, N_ROWS) and m.shape == l.shape == (b, kvh, splits, N_ROWS)
+    assert o.shape == (b, kvh, 4, 128, N_ROWS) and m.shape == l.shape == (b, kvh, 4, N_ROWS)  # (pow2 slots)
+    o, m, l = o[:, :, :splits], m[:, :, :splits], l[:, :, :splits]
     got, den = _merge(o, m, l)
 
     k = np.asarray(kv_quant.dequantize_keys(ku, None, ks, km, G), np.float64)  # [B, KVH, S, D]
@@ -103,15 +104,24 @@ def test_hier_attention_with_mosaic_history_matches_reference():
     from pallas_kernels.hier_attention import hier_attention, hier_attention_reference
 
     rng = np.random.default_rng(11)
-    args = _hier_case(rng, b=3, kvh=2, r=4, sq=4 * G, sb=2 * G + 16, lens=[4 * G - 3, 40, 2 * G + 5])
+    # the last row has slots below its quantized prefix in the buffer (qlen - buf_start = G)
+    args = _hier_case(rng, b=3, kvh=2, r=4, sq=4 * G, sb=2 * G + 16, lens=[4 * G - 3, 40, 2 * G - 1])
     ref = hier_attention_reference(*[a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args],
                                    group_size=G, use_lower=False)
-    got = hier_attention(*args, group_size=G, use_lower=False, history="mosaic", mosaic_splits=4, interpret=True)
+    got = hier_attention(*args, group_size=G, use_lower=False, history="mosaic", mosaic_splits=3, interpret=True)
     tri = hier_attention(*args, group_size=G, use_lower=False, interpret=True)
     ref, got, tri = (np.asarray(x, np.float32) for x in (ref, got, tri))
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err < 2e-2, err  # bf16 output
     assert np.abs(got - ref).max() <= 2 * np.abs(tri - ref).max() + 1e-2
+    # a buffer whose visible slots end past its last full 64-slot tile (the tile starts earlier
+    # and masks the slots it repeats)
+    args = _hier_case(rng, b=1, kvh=2, r=4, sq=2 * G, sb=152, lens=[140])
+    ref = hier_attention_reference(*[a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args],
+                                   group_size=G, use_lower=False)
+    got = hier_attention(*args, group_size=G, use_lower=False, history="mosaic", mosaic_splits=2, interpret=True)
+    ref, got = np.asarray(ref, np.float32), np.asarray(got, np.float32)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-2
 
 
 def test_hier_attention_mosaic_history_rejects_other_shapes():
@@ -130,3 +140,29 @@ def test_forward_options_draft_history_is_checked():
     assert ForwardOptions(draft_history="mosaic").draft_history == "mosaic"
     with pytest.raises(ValueError, match="draft_history"):
         ForwardOptions(draft_history="cuda")
+
+
+def test_qkv_to_cache_writes_the_mosaic_query_layout():
+    """qkv_to_cache(q_layout="mosaic") against its reference: the same roped, scaled queries as
+    the rows layout, in f16 channel halves, and the same buffer writes."""
+    from pallas_kernels.qkv_to_cache import QkvToCacheError, qkv_to_cache, qkv_to_cache_reference
+
+    rng = np.random.default_rng(5)
+    b, h, kvh, d, sb = 2, 8, 2, 128, 24
+    qkv = jnp.asarray(rng.standard_normal((b, 1, (h + 2 * kvh) * d)), jnp.bfloat16)
+    ang = rng.uniform(0, 6, (b, 1, d // 2))
+    cos = jnp.asarray(np.concatenate([np.cos(ang)] * 2, -1), jnp.float32)
+    sin = jnp.asarray(np.concatenate([np.sin(ang)] * 2, -1), jnp.float32)
+    buf = jnp.asarray(rng.standard_normal((b, kvh, sb, d)), jnp.bfloat16)
+    slot = jnp.asarray([3, 17], jnp.int32)
+    kw = dict(num_heads=h, num_kv_heads=kvh)
+    q16, bk, bv = qkv_to_cache(qkv, cos, sin, buf, buf, slot, q_layout="mosaic", interpret=True, **kw)
+    r16, rk, rv = qkv_to_cache_reference(qkv, cos, sin, buf, buf, slot, q_layout="mosaic", **kw)
+    rows, _, _ = qkv_to_cache_reference(qkv, cos, sin, buf, buf, slot, **kw)
+    assert q16.shape == (b, kvh, 2, N_ROWS, d // 2) and q16.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(q16, np.float32), np.asarray(r16, np.float32), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(q16, np.float32)[:, :, 0], np.asarray(rows)[..., :64], rtol=1e-2, atol=1e-3)
+    assert np.all(np.asarray(q16)[:, :, :, h // kvh:] == 0)  # padded rows
+    assert np.array_equal(np.asarray(bk), np.asarray(rk)) and np.array_equal(np.asarray(bv), np.asarray(rv))
+    with pytest.raises(QkvToCacheError, match="q_layout"):
+        qkv_to_cache(qkv, cos, sin, buf, buf, slot, q_layout="cols", interpret=True, **kw)
