@@ -35,6 +35,15 @@ Array = jax.Array
 DRAFT, TARGET = "draft", "target"
 
 
+def _sm90() -> bool:
+    """A Hopper GPU (compute capability 9.x): the Mosaic GPU draft attention's wgmma / TMA."""
+    try:
+        dev = jax.devices()[0]
+        return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+    except Exception:  # pragma: no cover
+        return False
+
+
 @flax.struct.dataclass
 class HierLayer:
     k_upper: Array  # uint8 [B, KVH, Sq, D/2]
@@ -151,7 +160,7 @@ class HierCache:
         d = lc.buf_k.shape[3]
         bs = self.buf_start
         # the Mosaic draft attention takes its queries in its own layout (saves a transpose kernel)
-        mosaic = view == DRAFT and t == 1 and opts.draft_history == "mosaic"
+        mosaic = view == DRAFT and self._draft_history(lc, t, opts) == "mosaic"
         q_rows, buf_k, buf_v = qkv_to_cache(qkv, cos, sin, lc.buf_k, lc.buf_v, positions[:, 0] - bs,
                                             num_heads=num_heads, num_kv_heads=lc.buf_k.shape[1],
                                             q_layout="mosaic" if mosaic else "rows", interpret=opts.interpret)
@@ -159,6 +168,17 @@ class HierCache:
         q_shape = qkv[:, :, :num_heads * d].reshape(b, t, num_heads, d)  # shapes and dtype only
         out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows)
         return out, self.with_layer(layer, lc)
+
+    def _draft_history(self, lc: HierLayer, t: int, opts) -> str:
+        """The kernel for the draft's history and buffer: ForwardOptions.draft_history, with
+        "auto" resolved to "mosaic" on an sm_90 GPU for the shapes that kernel takes."""
+        if t != 1 or opts.draft_history == "triton":
+            return "triton"
+        if opts.draft_history == "mosaic":
+            return "mosaic"
+        fits = (self.group_size == 128 and lc.buf_k.shape[3] == 128 and lc.buf_k.shape[2] % 8 == 0
+                and lc.buf_k.dtype in (jnp.bfloat16, jnp.float16) and lc.v_scale.shape[3] == 1)
+        return "mosaic" if fits and not opts.interpret and _sm90() else "triton"
 
     def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None):
         g = self.group_size
@@ -168,7 +188,7 @@ class HierCache:
             from pallas_kernels.hier_attention import hier_attention_auto
 
             # the draft's one-token steps may read the history with the Mosaic GPU kernel
-            history = opts.draft_history if not use_lower and q.shape[1] == 1 else "triton"
+            history = "triton" if use_lower else self._draft_history(lc, q.shape[1], opts)
             fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
                 lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower, backend="pallas",

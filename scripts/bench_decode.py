@@ -349,7 +349,7 @@ def main():
     p.add_argument("--weight-group", type=int, default=128)
     p.add_argument("--prefill", type=int, default=0, help="also time prefill of this many tokens")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--draft-history", default="triton", choices=["triton", "mosaic"],
+    p.add_argument("--draft-history", default="auto", choices=["auto", "triton", "mosaic"],
                    help="the draft attention's history kernel (ForwardOptions.draft_history)")
     p.add_argument("--fixed-rows", type=int, default=0,
                    help="ForwardOptions.fixed_rows (the GPU-exact mode): target forwards on this many rows")
