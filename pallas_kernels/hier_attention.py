@@ -609,11 +609,11 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                         jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
     if history == "mosaic":  # the Mosaic kernel takes the history and the buffer; one merge kernel
-        from pallas_kernels.mgpu_draft_attention import draft_history_partials, mosaic_query_rows
+        from pallas_kernels.mgpu_draft_attention import draft_attention_partials, mosaic_query_rows
 
         bdt = buf_k.dtype if buf_k.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
         q16 = q_rows if q_rows is not None and q_rows.dtype == jnp.float16 else mosaic_query_rows(qh)
-        second = draft_history_partials(
+        second = draft_attention_partials(
             q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen[:, 0], group_size=g,
             buffer=(buf_k.astype(bdt), buf_v.astype(bdt), buf_start.astype(jnp.int32), positions[:, 0]),
             num_splits=mosaic_splits, interpret=interpret)

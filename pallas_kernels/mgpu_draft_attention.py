@@ -1,9 +1,11 @@
-"""The draft's attention over the quantized history in Mosaic GPU (H100 / sm_90a): swap AB.
+"""The draft's attention over the hierarchical cache in Mosaic GPU (H100 / sm_90a): swap AB.
 
-Not yet called by the decoder (the buffer part and the merge are still the Triton kernel's;
-docs/benchmarks.md, session 11, lists what the wiring needs). Measured on the H100 in
-`scripts/exp_mgpu_draft_attention.py`, whose asm16 form this is: 21.8 / 41.4 / 75.6 us at
-32K / 64K / 128K (Llama-3.1-8B shape) against the Triton `hier_attention`'s 28.6 / 50.8 / 88.5.
+The decoder's draft path on sm_90 GPUs (`hier_attention(history="mosaic")`, chosen by
+`ForwardOptions.draft_history="auto"`; `merge_partials` combines the partials). H100, session 11
+(docs/benchmarks.md): the history at 21.8 / 41.4 / 75.6 us at 32K / 64K / 128K (Llama-3.1-8B
+shape) against the Triton `hier_attention`'s 28.6 / 50.8 / 88.5 (with its buffer and merge); the
+draft step 3.04 -> 3.00 ms at 32K and 4.80 -> 4.59 ms at 128K. The buffer's part (`buffer=`) is
+described in `draft_attention_partials`.
 
 Per program (row * KV head, split), one warpgroup, over 128-token steps fed by a TMA pipeline:
 - keys: each nibble of the upper plane is dequantized in registers to c * scale + minimum
@@ -118,7 +120,7 @@ def check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, grou
                                             " (values: one statistic per token, head_dim <= G)")
 
 
-def draft_history_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, *, buffer=None,
+def draft_attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, *, buffer=None,
                            group_size: int = GROUP, num_splits: int = 32, stages: int = 2, interpret: bool = False):
     """Flash-decoding partials of the draft's attention over the quantized history (upper planes).
 

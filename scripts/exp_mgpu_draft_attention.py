@@ -44,7 +44,7 @@ def check_module(seed: int = 0) -> None:
     dequantize-then-attend, then its time at 32K / 64K / 128K (full rows) and 128K capacity with
     a 32K row."""
     from jax.experimental.mosaic.gpu import profiler
-    from pallas_kernels.mgpu_draft_attention import draft_history_partials, mosaic_query_rows
+    from pallas_kernels.mgpu_draft_attention import draft_attention_partials, mosaic_query_rows
     from qspec_jax import kv_quant
     rng = np.random.default_rng(seed)
     b, kvh, sq = 2, 8, 8192
@@ -57,7 +57,7 @@ def check_module(seed: int = 0) -> None:
     c = cache(sq, rng)
     qlen = jnp.asarray([sq, 3 * G], jnp.int32)
     q16 = mosaic_query_rows(jnp.asarray(rng.standard_normal((b, kvh, 4, D)) * 0.3, jnp.float32))
-    o, m, l = (np.asarray(a, np.float64) for a in draft_history_partials(q16, *c, qlen, num_splits=32))
+    o, m, l = (np.asarray(a, np.float64) for a in draft_attention_partials(q16, *c, qlen, num_splits=32))
     top = m.max(2, keepdims=True)
     w = np.exp2(m - top)
     got = ((o * w[:, :, :, None, :]).sum(2) / (w * l).sum(2)[:, :, None, :]).transpose(0, 1, 3, 2)
@@ -88,7 +88,7 @@ def check_module(seed: int = 0) -> None:
         c = (u8(ks[0], (1, 8, S, H)), f16(ks[1], (1, 8, S // G, D)), f16(ks[2], (1, 8, S // G, D)),
              u8(ks[3], (1, 8, S // G, H, G)), f16(ks[4], (1, 8, S, 1)), f16(ks[5], (1, 8, S, 1)))
         q16 = jax.random.normal(ks[6], (1, 8, 2, N, H), jnp.float16)
-        fn = jax.jit(lambda *a: draft_history_partials(*a, num_splits=32))
+        fn = jax.jit(lambda *a: draft_attention_partials(*a, num_splits=32))
         _, ts = profiler.measure(fn, iterations=20)(q16, *c, jnp.asarray([n], jnp.int32))
         t = float(np.median(ts)) * 1e3
         mb = 8 * n * (D + 4 + 4 * D / G) / 1e6

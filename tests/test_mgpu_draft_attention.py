@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.mgpu_draft_attention import (GROUP, N_ROWS, MosaicDraftAttentionError, draft_history_partials,
+from pallas_kernels.mgpu_draft_attention import (GROUP, N_ROWS, MosaicDraftAttentionError, draft_attention_partials,
                                                  mosaic_query_rows)
 from qspec_jax import kv_quant
 
@@ -35,7 +35,7 @@ def test_partials_match_dequantized_attention_per_row_lengths():
     qlen = jnp.asarray([6 * G, 0, G], jnp.int32)  # full, empty, one group (two empty splits)
     q_rows = jnp.asarray(rng.standard_normal((b, kvh, rows, 128)) * 0.3, jnp.float32)
     q16 = mosaic_query_rows(q_rows)
-    o, m, l = draft_history_partials(q16, *cache, qlen, num_splits=splits, interpret=True)
+    o, m, l = draft_attention_partials(q16, *cache, qlen, num_splits=splits, interpret=True)
     assert o.shape == (b, kvh, 4, 128, N_ROWS) and m.shape == l.shape == (b, kvh, 4, N_ROWS)  # (pow2 slots)
     o, m, l = o[:, :, :splits], m[:, :, :splits], l[:, :, :splits]
     got, den = _merge(o, m, l)
@@ -72,15 +72,15 @@ def test_bad_inputs_raise_before_launch():
     q16 = jnp.zeros((1, 2, 2, N_ROWS, 64), jnp.float16)
     qlen = jnp.asarray([G], jnp.int32)
     with pytest.raises(MosaicDraftAttentionError, match="group size"):
-        draft_history_partials(q16, *cache, qlen, group_size=64, interpret=True)
+        draft_attention_partials(q16, *cache, qlen, group_size=64, interpret=True)
     with pytest.raises(MosaicDraftAttentionError, match="q must be"):
-        draft_history_partials(q16.astype(jnp.float32), *cache, qlen, interpret=True)
+        draft_attention_partials(q16.astype(jnp.float32), *cache, qlen, interpret=True)
     with pytest.raises(MosaicDraftAttentionError, match="v_scale"):
         bad = list(cache)
         bad[4] = jnp.zeros((1, 2, 2 * G, 2), jnp.float16)  # two value groups per token: not this kernel
-        draft_history_partials(q16, *bad, qlen, interpret=True)
+        draft_attention_partials(q16, *bad, qlen, interpret=True)
     with pytest.raises(MosaicDraftAttentionError, match="num_splits"):
-        draft_history_partials(q16, *cache, qlen, num_splits=0, interpret=True)
+        draft_attention_partials(q16, *cache, qlen, num_splits=0, interpret=True)
 
 
 def _hier_case(rng, b, kvh, r, sq, sb, lens, dt=jnp.bfloat16):
