@@ -575,7 +575,6 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     nsub = block_k // tk
     n_splits = auto_num_splits(b, kvh, sq, block_k, mrows) if num_splits is None else num_splits
     n_splits = max(1, min(n_splits, _cdiv(sq, block_k)))
-
     if fixed_splits:
         buffer_splits, block_kb = 1, min(block_kb, g)
         if num_splits is None:  # chunks of ~1024 tokens (<= 128 of them): a row much shorter than the
@@ -617,8 +616,8 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
             q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen[:, 0], group_size=g,
             buffer=(buf_k.astype(bdt), buf_v.astype(bdt), buf_start.astype(jnp.int32), positions[:, 0]),
             num_splits=mosaic_splits, interpret=interpret)
-        return merge_partials(None, None, None, total=0, t=t, r=r, out_dtype=q.dtype, second=(*second, mosaic_splits),
-                              interpret=interpret)
+        return merge_partials(None, None, None, total=0, t=t, r=r, out_dtype=q.dtype, second=second,
+                              second_splits=mosaic_splits, interpret=interpret)
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
            use_lower, magic, block_k > g, prefetch, fixed_chunk, asm, int8)
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [
@@ -658,9 +657,10 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
 def _merge_kernel(*refs, total, s_pad, sc, r, r_pad, dblk, total2=0, s2_pad=0):
     """Program (b, KV head, token, channel block): that token's R query heads. The maximum over
     all splits first (m is small), then the weighted sums over chunks of sc splits."""
-    o_ref, m_ref, l_ref = refs[:3] if total else (None,) * 3
-    o2_ref, m2_ref, l2_ref = refs[3 if total else 0:][:3] if total2 else (None,) * 3
-    out_ref = refs[-1]
+    it = iter(refs)  # (o, m, l if total), (o2, m2, l2 if total2), out
+    o_ref, m_ref, l_ref = (next(it) for _ in range(3)) if total else (None,) * 3
+    o2_ref, m2_ref, l2_ref = (next(it) for _ in range(3)) if total2 else (None,) * 3
+    out_ref = next(it)
     bi, hi, ti, di = (_pl.program_id(i) for i in range(4))
     f32 = jnp.float32
     rows = _pl.ds(ti * r, r_pad)
@@ -705,7 +705,8 @@ def _merge_kernel(*refs, total, s_pad, sc, r, r_pad, dblk, total2=0, s2_pad=0):
         out_ref[bi, ti, hi, :, cols] = out
 
 
-def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, second=None, interpret: bool = False):
+def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, second=None, second_splits: int | None = None,
+                   interpret: bool = False):
     """The splits' partial outputs o [B, KVH, S', rows', D] (unnormalized; splits >= total and
     rows >= T * R are padding), running maxima m (log2 domain) and sums l [B, KVH, S', rows']
     -> the attention output [B, T, KVH * R, D] in out_dtype.
@@ -716,10 +717,10 @@ def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, second=Non
     merge kernel, one program per row and KV head, lost to XLA). A row's output depends on its
     own partials only, in a fixed order: the exact mode's row invariance holds.
 
-    second: optional (o2, m2, l2[, total2]) of more splits in the Mosaic draft kernel's layout, o2
-    f32 [B, KVH, S2, D, rows2] (transposed), m2 / l2 [B, KVH, S2, rows2] (T = 1; S2 a power of 2,
-    the first total2 written);
-    o, m, l may then be None (the Mosaic kernel took the buffer too)."""
+    second: optional (o2, m2, l2) of more splits in the Mosaic draft kernel's layout, o2 f32
+    [B, KVH, S2, D, rows2] (transposed), m2 / l2 [B, KVH, S2, rows2] (T = 1; S2 a power of 2), of
+    which the first second_splits (default: all) were written; o, m, l may then be None (the
+    Mosaic kernel took the buffer too)."""
     r_pad = _next_pow2(r)
     if o is None:  # the second set alone
         b, kvh, _, d, _ = second[0].shape
@@ -734,9 +735,9 @@ def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, second=Non
     shape = (b, t, kvh * r, d) if r_pad == r else (b, t, kvh, r_pad, d)
     total2, s2_pad, extra = 0, 0, ()
     if second is not None:
-        o2, m2, l2 = extra = tuple(second[:3])
+        o2, m2, l2 = extra = tuple(second)
         s2_pad = o2.shape[2]
-        total2 = second[3] if len(second) > 3 else s2_pad
+        total2 = s2_pad if second_splits is None else second_splits
         if (t != 1 or o2.shape[:2] != (b, kvh) or o2.shape[3] != d or not _is_pow2(s2_pad) or total2 > s2_pad
                 or m2.shape != l2.shape or m2.shape != (b, kvh, s2_pad, o2.shape[4]) or o2.shape[4] < r_pad):
             raise HierAttentionShapeError(f"second partials {o2.shape} / {m2.shape} do not fit T={t}, R={r}, D={d}")

@@ -46,29 +46,29 @@ class MosaicDraftAttentionError(ValueError):
     """Shapes the Mosaic GPU draft attention does not support (raised before launch)."""
 
 
-def unpack_asm(high: bool, shape, cdt):
-    """Inline Mosaic GPU: int8 [rows, cols] (the cache's bytes) + scale / minimum already broadcast
-    to the same WGMMA layout -> c * scale + minimum in cdt (f16 or bf16), c the low or high nibble.
+def unpack_asm(high: bool, shape):
+    """Inline Mosaic GPU: int8 [rows, cols] (the cache's bytes) + f16 scale / minimum already
+    broadcast to the same WGMMA layout -> f16 c * scale + minimum, c the low or high nibble.
 
-    Two elements per 32-bit register: prmt puts each byte under an exponent byte (f16 0x64:
-    1024 + x; bf16 0x43: 128 + x), `and` keeps the nibble (high: after a 4-bit shift), sub
-    removes the offset exactly, one packed fma applies the statistics. No I2F: the f32 form
-    (shift, I2F, fma, pack) took ~25% longer for the whole attention (session 11)."""
+    Two elements per 32-bit register: prmt puts each byte under the exponent byte 0x64 (f16
+    1024 + x), `and` keeps the nibble (high: after a 4-bit shift), sub removes the 1024 exactly,
+    one packed fma applies the statistics. No I2F: the f32 form (shift, I2F, fma, pack) took ~25%
+    longer for the whole attention, and the same bits in bf16 (0x43: 128 + x) were 10x less
+    accurate and slower (session 11)."""
     from jax.experimental import mosaic
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, llvm
 
     utils = mosaic.gpu.utils
     shift = "shr.b32 t, $1, 4;" if high else "mov.b32 t, $1;"
-    e, ty = ("0x64", "f16x2") if cdt == jnp.float16 else ("0x43", "bf16x2")
-    asm = ("{ .reg .b32 t, k; " + shift + f" prmt.b32 t, t, {e}, 0x4140; and.b32 t, t, 0xFF0FFF0F; "
-           f"mov.b32 k, {e}00{e[2:]}00; sub.{ty} t, t, k; fma.rn.{ty} $0, t, $2, $3; }}")
+    asm = ("{ .reg .b32 t, k; " + shift + " prmt.b32 t, t, 0x64, 0x4140; and.b32 t, t, 0xFF0FFF0F; "
+           "mov.b32 k, 0x64006400; sub.f16x2 t, t, k; fma.rn.f16x2 $0, t, $2, $3; }")
 
     @plgpu.inline_mgpu(arg_types=(WGMMA, WGMMA, WGMMA),
-                       return_type=plgpu.ShapeDtypeStruct(shape, cdt, layout=WGMMA))
+                       return_type=plgpu.ShapeDtypeStruct(shape, jnp.float16, layout=WGMMA))
     def unpack(ctx, x, sc, mn):
         i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
-        out_ty = ir.VectorType.get((2,), ir.F16Type.get() if cdt == jnp.float16 else ir.BF16Type.get())
+        out_ty = ir.VectorType.get((2,), ir.F16Type.get())
         regs = np.empty_like(x.registers)
         for idx, reg in np.ndenumerate(x.registers):
             r = arith.extui(i32, utils.bitcast(reg, i16))
@@ -79,16 +79,16 @@ def unpack_asm(high: bool, shape, cdt):
     return unpack
 
 
-def dequant_nibble(x, high: bool, scale, minimum, cdt, interpret: bool):
-    """int8 tile [rows, cols] -> one nibble's c * scale + minimum in cdt; scale / minimum [cols]
+def dequant_nibble(x, high: bool, scale, minimum, interpret: bool):
+    """int8 tile [rows, cols] -> one nibble's c * scale + minimum in f16; scale / minimum f16 [cols]
     (COL layout) are broadcast along the rows."""
-    bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v.astype(cdt), x.shape, [1]), WGMMA)  # noqa: E731
+    bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, x.shape, [1]), WGMMA)  # noqa: E731
     sc, mn = bc(scale), bc(minimum)
     if interpret:  # the same arithmetic in jnp (no inline PTX under the interpreter)
         xi = x.astype(jnp.int32)
-        c = (((xi >> 4) & 0xF) if high else (xi & 0xF)).astype(cdt)
+        c = (((xi >> 4) & 0xF) if high else (xi & 0xF)).astype(jnp.float16)
         return plgpu.layout_cast(c * sc + mn, WGMMA)
-    return unpack_asm(high, x.shape, cdt)(plgpu.layout_cast(x, WGMMA), sc, mn)
+    return unpack_asm(high, x.shape)(plgpu.layout_cast(x, WGMMA), sc, mn)
 
 
 def mosaic_query_rows(q_rows, dtype=jnp.float16):
@@ -100,7 +100,9 @@ def mosaic_query_rows(q_rows, dtype=jnp.float16):
     return q.reshape(b, kvh, N_ROWS, 2, d // 2).transpose(0, 1, 3, 2, 4)
 
 
-def check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, group_size):
+def check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, group_size, buffer=None):
+    """MosaicDraftAttentionError unless `draft_attention_partials` takes these arrays (anything with
+    .shape and .dtype)."""
     b, kvh, sq, half = k_upper.shape
     d = 2 * half
     if d != HEAD_DIM or group_size != GROUP:
@@ -118,6 +120,29 @@ def check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, grou
         if x.shape != shape or x.dtype != dtype:
             raise MosaicDraftAttentionError(f"{name} must be {jnp.dtype(dtype).name} {shape}, got {x.dtype} {x.shape}"
                                             " (values: one statistic per token, head_dim <= G)")
+    if buffer is not None:
+        buf_k, buf_v, buf_start, positions = buffer
+        sb = buf_k.shape[2]
+        if (buf_k.dtype not in (jnp.bfloat16, jnp.float16) or buf_v.dtype != buf_k.dtype
+                or buf_k.shape != buf_v.shape or buf_k.shape[:2] != (b, kvh) or buf_k.shape[3] != HEAD_DIM
+                or sb < TB or sb % 8 or buf_start.shape != (b,) or positions.shape != (b,)):
+            raise MosaicDraftAttentionError(
+                f"buffer: bf16 / f16 [B, KVH, Sb >= {TB} (a multiple of 8), 128] K and V, buf_start [B], "
+                f"positions [B]; got {buf_k.dtype} {buf_k.shape}, {buf_v.dtype} {buf_v.shape}, "
+                f"{buf_start.shape}, {positions.shape}")
+
+
+def supports_layer(k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, group_size: int) -> bool:
+    """Whether the kernel takes a hierarchical cache layer's arrays (`HierLayer`) with its buffer:
+    the checks `draft_attention_partials` makes, on the layer's own shapes."""
+    b, kvh, _, half = k_upper.shape
+    rows = jax.ShapeDtypeStruct((b,), jnp.int32)
+    try:
+        check_args(jax.ShapeDtypeStruct((b, kvh, 2, N_ROWS, half), jnp.float16), k_upper, k_scale, k_min, v_upper,
+                   v_scale, v_min, rows, group_size, buffer=(buf_k, buf_v, rows, rows))
+    except MosaicDraftAttentionError:
+        return False
+    return True
 
 
 def draft_attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, *, buffer=None,
@@ -136,22 +161,14 @@ def draft_attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_m
     bf16 or f16 [B, KVH, Sb, 128] (Sb a multiple of 8), buf_start and positions int32 [B] (T = 1):
     slots [qlen - buf_start, position - buf_start] are visible. 64 slots per step, converted to
     f16 in registers (the values loaded transposed) for the same f16 products."""
-    check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, group_size)
+    check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, group_size, buffer)
     if num_splits < 1 or stages < 1 or (buffer is not None and num_splits < 2):
-        raise MosaicDraftAttentionError(f"num_splits and stages must be >= 1 (2 with a buffer), got {num_splits}, {stages}")
+        raise MosaicDraftAttentionError(
+            f"num_splits and stages must be >= 1 (2 with a buffer), got {num_splits}, {stages}")
     buffered = buffer is not None
     if buffered:
         buf_k, buf_v, buf_start, positions = buffer
-        bdt = buf_k.dtype
-        sb = buf_k.shape[2]
-        if (bdt not in (jnp.bfloat16, jnp.float16) or buf_v.dtype != bdt or buf_k.shape != buf_v.shape
-                or buf_k.shape[:2] != k_upper.shape[:2] or buf_k.shape[3] != HEAD_DIM or sb < TB or sb % 8
-                or buf_start.shape != qlen.shape
-                or positions.shape != qlen.shape):
-            raise MosaicDraftAttentionError(
-                f"buffer: bf16 / f16 [B, KVH, Sb >= {TB} (a multiple of 8), 128] K and V, buf_start [B], "
-                f"positions [B]; got {buf_k.dtype} {buf_k.shape}, {buf_v.dtype} {buf_v.shape}, "
-                f"{buf_start.shape}, {positions.shape}")
+        bdt, sb = buf_k.dtype, buf_k.shape[2]
     hs = num_splits - 1 if buffered else num_splits  # programs over the history
     b, kvh, sq, half = k_upper.shape
     nt = sq // GROUP
@@ -196,7 +213,7 @@ def draft_attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_m
             acc_lo, acc_hi, m, l = carry
             kb = ku_s[...]  # int8 [tokens, 64]
             kst = [[plgpu.load(r.at[0, pl.ds(nib * half, half)], layout=COL) for r in (ks_s, km_s)] for nib in range(2)]
-            key = lambda nib: dequant_nibble(kb, bool(nib), *kst[nib], cdt, interpret)  # noqa: E731
+            key = lambda nib: dequant_nibble(kb, bool(nib), *kst[nib], interpret)  # noqa: E731
             if interpret:
                 s = sum(product(a_operand(key(nib), ak_s.at[nib]), q_s.at[nib].T, (g, n)) for nib in range(2))
             else:  # both nibbles into one accumulator; the second A is made while the first wgmma runs
@@ -214,7 +231,7 @@ def draft_attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_m
             plgpu.commit_smem()
             vb = vu_s[0]  # int8 [64, tokens]: the token-minor value block, V^T of both nibbles
             vs, vm = plgpu.load(vs_s, layout=COL), plgpu.load(vm_s, layout=COL)  # [tokens]
-            val = lambda nib: dequant_nibble(vb, bool(nib), vs, vm, cdt, interpret)  # noqa: E731
+            val = lambda nib: dequant_nibble(vb, bool(nib), vs, vm, interpret)  # noqa: E731
             scale = lax.broadcast_in_dim(alpha, (half, n), [1])
             acc_lo, acc_hi = acc_lo * scale, acc_hi * scale
             if interpret:
@@ -316,7 +333,8 @@ def draft_attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_m
         plgpu.SMEM((1,), f32), plgpu.SMEM((1,), f32)]  # (on the GPU A stays in registers)
     scratch = [plgpu.SMEM((3, bpad), jnp.int32), plgpu.SMEM((2, n, half), cdt, transforms=tr(2 * half, 2)),
                plgpu.SMEM((g, n), cdt, transforms=tr(2 * n, 2)), *stage_a,
-               plgpu.SMEM((2, half, n), f32), plgpu.SMEM((n,), f32), plgpu.SMEM((n,), f32), plgpu.Barrier(num_barriers=2),
+               plgpu.SMEM((2, half, n), f32), plgpu.SMEM((n,), f32), plgpu.SMEM((n,), f32),
+               plgpu.Barrier(num_barriers=2),
                plgpu.SMEM((stages, g, half), i8, transforms=tr(half, 1)), plgpu.SMEM((stages, 1, 2 * half), cdt),
                plgpu.SMEM((stages, 1, 2 * half), cdt), plgpu.SMEM((stages, 1, half, g), i8, transforms=tr(g, 1)),
                plgpu.SMEM((stages, g), cdt), plgpu.SMEM((stages, g), cdt),

@@ -101,8 +101,12 @@ def _kernel(qkv_ref, cos_ref, sin_ref, slot_ref, _bk_in, _bv_in, q_ref, bk_ref, 
     for ref, vals in ((bk_ref, rope(*kx)), (bv_ref, vx)):
         for val, c in zip(vals, sides):
             plgpu.store(ref.at[bi, hk, slot + ti, c], val.astype(ref.dtype), mask=ok)
-    # mosaic: q_ref [B, KVH, 2, rows, D/2] f16, one channel half per index of axis 2
-    qdst = (lambda i, rr: q_ref.at[bi, hk, jnp.int32(i), rr, pl.ds(0, half)]) if mosaic else (lambda i, rr: q_ref.at[bi, hk, rr, sides[i]])
+    # mosaic: q_ref [B, KVH, 2, rows, D/2] f16, one channel half per index of axis 2 (a traced
+    # index: a Python int there fails the interpreter's store)
+    if mosaic:
+        qdst = lambda i, rr: q_ref.at[bi, hk, jnp.int32(i), rr, pl.ds(0, half)]  # noqa: E731
+    else:
+        qdst = lambda i, rr: q_ref.at[bi, hk, rr, sides[i]]  # noqa: E731
     for i, val in enumerate(rope(*qx)):
         plgpu.store(qdst(i, pl.ds(ti * r, r_pad)), (val.astype(f32) * scale).astype(q_ref.dtype), mask=qmask[:, None])
     # the padded query rows (token 0's program): zeros (the attention computes them and masks their outputs)

@@ -176,9 +176,13 @@ class HierCache:
             return "triton"
         if opts.draft_history == "mosaic":
             return "mosaic"
-        fits = (self.group_size == 128 and lc.buf_k.shape[3] == 128 and lc.buf_k.shape[2] % 8 == 0
-                and lc.buf_k.dtype in (jnp.bfloat16, jnp.float16) and lc.v_scale.shape[3] == 1)
-        return "mosaic" if fits and not opts.interpret and _sm90() else "triton"
+        if opts.interpret or not _sm90():
+            return "triton"
+        from pallas_kernels.mgpu_draft_attention import supports_layer
+
+        fits = supports_layer(lc.k_upper, lc.k_scale, lc.k_min, lc.v_upper, lc.v_scale, lc.v_min, lc.buf_k, lc.buf_v,
+                              self.group_size)
+        return "mosaic" if fits else "triton"
 
     def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None):
         g = self.group_size

@@ -70,8 +70,10 @@ def main():
              # the exact mode: every target forward on 8 token rows, position-fixed attention splits
              "pallas+fixed8": ForwardOptions(backend="auto", fixed_rows=8),
              "reference+fixed8": ForwardOptions(backend="reference", fixed_rows=8),
-             # the same with the draft's history and buffer read by the Mosaic GPU kernel (needs "long")
-             "pallas+fixed8+mosaic": ForwardOptions(backend="auto", fixed_rows=8, draft_history="mosaic")}
+             # the draft's attention forced to one kernel ("pallas*" take draft_history="auto": the
+             # Mosaic GPU kernel on sm_90 where the shapes fit, i.e. "long")
+             "pallas+fixed8+mosaic": ForwardOptions(backend="auto", fixed_rows=8, draft_history="mosaic"),
+             "pallas+fixed8+triton": ForwardOptions(backend="auto", fixed_rows=8, draft_history="triton")}
     gammas = (1, 4, 7)
     wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else ["pallas", "reference+exact_rows"]
     for mode, opts in ((m, modes[m]) for m in wanted):

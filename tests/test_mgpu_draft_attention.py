@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.mgpu_draft_attention import (GROUP, N_ROWS, MosaicDraftAttentionError, draft_attention_partials,
-                                                 mosaic_query_rows)
+                                                 mosaic_query_rows, supports_layer)
 from qspec_jax import kv_quant
 
 G = GROUP
@@ -92,8 +92,9 @@ def _hier_case(rng, b, kvh, r, sq, sb, lens, dt=jnp.bfloat16):
     vu, vl, vs, vm = kv_quant.quantize_values(v, G)
     vu, vl = kv_quant.values_token_minor(vu, G), kv_quant.values_token_minor(vl, G)
     lens = np.asarray(lens)
-    return (jnp.asarray(rng.standard_normal((b, 1, kvh * r, d)), dt), ku, kl, ks, km, vu, vl, vs, vm,
-            jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dt), jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dt),
+    q = jnp.asarray(rng.standard_normal((b, 1, kvh * r, d)), dt)
+    buf_k, buf_v = (jnp.asarray(rng.standard_normal((b, kvh, sb, d)), dt) for _ in range(2))
+    return (q, ku, kl, ks, km, vu, vl, vs, vm, buf_k, buf_v,
             jnp.asarray(lens[:, None], jnp.int32), jnp.asarray(G * np.maximum(lens // G - 1, 0), jnp.int32))
 
 
@@ -166,3 +167,14 @@ def test_qkv_to_cache_writes_the_mosaic_query_layout():
     assert np.array_equal(np.asarray(bk), np.asarray(rk)) and np.array_equal(np.asarray(bv), np.asarray(rv))
     with pytest.raises(QkvToCacheError, match="q_layout"):
         qkv_to_cache(qkv, cos, sin, buf, buf, slot, q_layout="cols", interpret=True, **kw)
+
+
+def test_supports_layer_follows_the_kernel_checks():
+    """The decoder's "auto" choice asks the kernel's own checks: a layer it takes, and layers it
+    would refuse (group size, a buffer not a multiple of 8 slots, a float32 buffer)."""
+    cache = _cache(np.random.default_rng(0), 1, 2, 2 * G)
+    buf = jnp.zeros((1, 2, 2 * G + 16, 128), jnp.bfloat16)
+    assert supports_layer(*cache, buf, buf, G)
+    assert not supports_layer(*cache, buf, buf, 64)
+    assert not supports_layer(*cache, buf[:, :, :150], buf[:, :, :150], G)
+    assert not supports_layer(*cache, buf.astype(jnp.float32), buf.astype(jnp.float32), G)
