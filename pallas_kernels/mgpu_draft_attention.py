@@ -46,49 +46,59 @@ class MosaicDraftAttentionError(ValueError):
     """Shapes the Mosaic GPU draft attention does not support (raised before launch)."""
 
 
-def unpack_asm(high: bool, shape):
-    """Inline Mosaic GPU: int8 [rows, cols] (the cache's bytes) + f16 scale / minimum already
-    broadcast to the same WGMMA layout -> f16 c * scale + minimum, c the low or high nibble.
+def dequant_nibble(x, high: bool, scale, minimum):
+    """The interpreter's form of one nibble of `dequant_pair` (jnp; no inline PTX there)."""
+    sc, mn = (plgpu.layout_cast(lax.broadcast_in_dim(v, x.shape, [1]), WGMMA) for v in (scale, minimum))
+    xi = x.astype(jnp.int32)
+    c = (((xi >> 4) & 0xF) if high else (xi & 0xF)).astype(jnp.float16)
+    return plgpu.layout_cast(c * sc + mn, WGMMA)
 
-    Two elements per 32-bit register: prmt puts each byte under the exponent byte 0x64 (f16
-    1024 + x), `and` keeps the nibble (high: after a 4-bit shift), sub removes the 1024 exactly,
-    one packed fma applies the statistics. No I2F: the f32 form (shift, I2F, fma, pack) took ~25%
-    longer for the whole attention, and the same bits in bf16 (0x43: 128 + x) were 10x less
-    accurate and slower (session 11)."""
+
+# One prmt spreads a register's two bytes to [b0, 0, b1, 0]; each nibble then takes one lop3
+# ((t & mask) | 0x6400: f16 1024 + c for the low nibble, 1024 + 16 c for the high one, exact), one
+# sub of 1024 and one fma: 7 instructions per 4 elements instead of 9 (the high nibble's scale is
+# divided by 16 beforehand, exactly).
+_PAIR_ASM = ("{ .reg .b32 t, k; prmt.b32 t, $2, 0, 0x4140; mov.b32 k, 0x64006400; "
+             "lop3.b32 $0, t, 0x000F000F, k, 0xEA; lop3.b32 $1, t, 0x00F000F0, k, 0xEA; "
+             "sub.f16x2 $0, $0, k; sub.f16x2 $1, $1, k; "
+             "fma.rn.f16x2 $0, $0, $3, $4; fma.rn.f16x2 $1, $1, $5, $6; }")
+
+
+def unpack_pair_asm(shape):
+    """Inline Mosaic GPU: int8 [rows, cols] + the low and the high nibble's f16 scale / minimum in the
+    same WGMMA layout (the high scale already divided by 16) -> (low, high) f16 c * scale + minimum."""
     from jax.experimental import mosaic
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, llvm
 
     utils = mosaic.gpu.utils
-    shift = "shr.b32 t, $1, 4;" if high else "mov.b32 t, $1;"
-    asm = ("{ .reg .b32 t, k; " + shift + " prmt.b32 t, t, 0x64, 0x4140; and.b32 t, t, 0xFF0FFF0F; "
-           "mov.b32 k, 0x64006400; sub.f16x2 t, t, k; fma.rn.f16x2 $0, t, $2, $3; }")
+    out = plgpu.ShapeDtypeStruct(shape, jnp.float16, layout=WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(WGMMA, WGMMA, WGMMA),
-                       return_type=plgpu.ShapeDtypeStruct(shape, jnp.float16, layout=WGMMA))
-    def unpack(ctx, x, sc, mn):
+    @plgpu.inline_mgpu(arg_types=(WGMMA,) * 5, return_type=(out, out))
+    def unpack(ctx, x, sl, ml, sh, mh):
         i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        pair = ir.Type.parse("!llvm.struct<(i32, i32)>")
         out_ty = ir.VectorType.get((2,), ir.F16Type.get())
-        regs = np.empty_like(x.registers)
+        lo, hi = np.empty_like(x.registers), np.empty_like(x.registers)
         for idx, reg in np.ndenumerate(x.registers):
             r = arith.extui(i32, utils.bitcast(reg, i16))
-            o = llvm.inline_asm(i32, [r, utils.bitcast(sc.registers[idx], i32), utils.bitcast(mn.registers[idx], i32)],
-                                asm, "=r,r,r,r")
-            regs[idx] = utils.bitcast(o, out_ty)
-        return mosaic.gpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=None)
+            st = [utils.bitcast(a.registers[idx], i32) for a in (sl, ml, sh, mh)]
+            res = llvm.inline_asm(pair, [r, *st], _PAIR_ASM, "=r,=r,r,r,r,r,r")
+            lo[idx] = utils.bitcast(llvm.extractvalue(i32, res, [0]), out_ty)
+            hi[idx] = utils.bitcast(llvm.extractvalue(i32, res, [1]), out_ty)
+        mk = lambda regs: mosaic.gpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=None)  # noqa: E731
+        return mk(lo), mk(hi)
     return unpack
 
 
-def dequant_nibble(x, high: bool, scale, minimum, interpret: bool):
-    """int8 tile [rows, cols] -> one nibble's c * scale + minimum in f16; scale / minimum f16 [cols]
-    (COL layout) are broadcast along the rows."""
+def dequant_pair(x, low, high, interpret: bool):
+    """int8 tile [rows, cols] -> (low nibble, high nibble) as c * scale + minimum in f16; low / high
+    = (scale, minimum) f16 [cols] (COL layout), broadcast along the rows."""
     bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, x.shape, [1]), WGMMA)  # noqa: E731
-    sc, mn = bc(scale), bc(minimum)
-    if interpret:  # the same arithmetic in jnp (no inline PTX under the interpreter)
-        xi = x.astype(jnp.int32)
-        c = (((xi >> 4) & 0xF) if high else (xi & 0xF)).astype(jnp.float16)
-        return plgpu.layout_cast(c * sc + mn, WGMMA)
-    return unpack_asm(high, x.shape)(plgpu.layout_cast(x, WGMMA), sc, mn)
+    if interpret:
+        return dequant_nibble(x, False, *low), dequant_nibble(x, True, *high)
+    sh = (high[0].astype(jnp.float32) * (1.0 / 16)).astype(jnp.float16)  # exact: a power of 2
+    return unpack_pair_asm(x.shape)(plgpu.layout_cast(x, WGMMA), bc(low[0]), bc(low[1]), bc(sh), bc(high[1]))
 
 
 def mosaic_query_rows(q_rows, dtype=jnp.float16):
@@ -213,13 +223,13 @@ def draft_attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_m
             acc_lo, acc_hi, m, l = carry
             kb = ku_s[...]  # int8 [tokens, 64]
             kst = [[plgpu.load(r.at[0, pl.ds(nib * half, half)], layout=COL) for r in (ks_s, km_s)] for nib in range(2)]
-            key = lambda nib: dequant_nibble(kb, bool(nib), *kst[nib], interpret)  # noqa: E731
+            keys = dequant_pair(kb, *kst, interpret)
             if interpret:
-                s = sum(product(a_operand(key(nib), ak_s.at[nib]), q_s.at[nib].T, (g, n)) for nib in range(2))
-            else:  # both nibbles into one accumulator; the second A is made while the first wgmma runs
+                s = sum(product(a_operand(keys[nib], ak_s.at[nib]), q_s.at[nib].T, (g, n)) for nib in range(2))
+            else:  # both nibbles into one accumulator
                 def scores(acc_ref):
-                    plgpu.wgmma(acc_ref, key(0), q_s.at[0].T)
-                    plgpu.wgmma(acc_ref, key(1), q_s.at[1].T)
+                    plgpu.wgmma(acc_ref, keys[0], q_s.at[0].T)
+                    plgpu.wgmma(acc_ref, keys[1], q_s.at[1].T)
                     plgpu.wgmma_wait(0)
                     return acc_ref[...]
                 s = plgpu.layout_cast(pl.run_scoped(scores, plgpu.ACC((g, n), jnp.float32)), WGMMA)
@@ -231,16 +241,16 @@ def draft_attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_m
             plgpu.commit_smem()
             vb = vu_s[0]  # int8 [64, tokens]: the token-minor value block, V^T of both nibbles
             vs, vm = plgpu.load(vs_s, layout=COL), plgpu.load(vm_s, layout=COL)  # [tokens]
-            val = lambda nib: dequant_nibble(vb, bool(nib), vs, vm, interpret)  # noqa: E731
+            vals = dequant_pair(vb, (vs, vm), (vs, vm), interpret)  # (one statistic per token)
             scale = lax.broadcast_in_dim(alpha, (half, n), [1])
             acc_lo, acc_hi = acc_lo * scale, acc_hi * scale
             if interpret:
-                acc_lo = acc_lo + product(a_operand(val(0), av_s.at[0]), pv_s, (half, n))
-                acc_hi = acc_hi + product(a_operand(val(1), av_s.at[1]), pv_s, (half, n))
+                acc_lo = acc_lo + product(a_operand(vals[0], av_s.at[0]), pv_s, (half, n))
+                acc_hi = acc_hi + product(a_operand(vals[1], av_s.at[1]), pv_s, (half, n))
             else:  # accumulate in place; run_state waits at its end
                 def pv(refs):
-                    plgpu.wgmma(refs[0], val(0), pv_s)
-                    plgpu.wgmma(refs[1], val(1), pv_s)
+                    plgpu.wgmma(refs[0], vals[0], pv_s)
+                    plgpu.wgmma(refs[1], vals[1], pv_s)
                 acc_lo, acc_hi = pl.run_state(pv)((plgpu.ACC.init(acc_lo), plgpu.ACC.init(acc_hi)))
             return acc_lo, acc_hi, m_new, l
 
