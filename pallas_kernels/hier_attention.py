@@ -521,25 +521,26 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
       are (the exact mode of `ForwardOptions.fixed_rows`).
     q_rows: the queries already as the kernel's rows, f32 [B, KVH, rows, D] scaled by sm_scale *
       log2(e) (`pallas_kernels.qkv_to_cache`, which also ropes them); q then gives only shapes
-      and the output dtype. With history="mosaic" also f16 [B, KVH, 2, 16, D/2]
+      and the output dtype. With history="mosaic" also f16 [B, KVH, 2, rows, D/2]
       (`qkv_to_cache(q_layout="mosaic")`).
     merge: how the splits' partial outputs are combined: "pallas" (`merge_partials`, one kernel
       that also writes q.dtype in the [B, T, H, D] layout) or "xla" (max, then the weighted sums).
-    history: "triton" (this kernel) or "mosaic" (the draft only: T = 1, upper plane, D = G = 128:
-      `pallas_kernels.mgpu_draft_attention` reads the history in mosaic_splits - 1 programs and
-      the buffer in one more (33: 32 + 1, one wave of the H100's 2 programs per SM at 8 KV heads),
-      and `merge_partials` takes its partials; H100 session 11).
+    history: "triton" (this kernel) or "mosaic" (sm_90 GPUs; T * R <= 32, D = G = 128, either view:
+      `pallas_kernels.mgpu_attention` reads the history in mosaic_splits - 1 programs and the
+      buffer in one more (33: 32 + 1, one wave of the H100's 2 programs per SM at 8 KV heads), and
+      `merge_partials` takes its partials; H100 sessions 11-12).
     """
     if merge not in ("pallas", "xla"):
         raise HierAttentionShapeError(f"merge must be 'pallas' or 'xla', got {merge!r}")
     if history not in ("triton", "mosaic"):
         raise HierAttentionShapeError(f"history must be 'triton' or 'mosaic', got {history!r}")
-    if history == "mosaic" and (use_lower or q.shape[1] != 1 or q.shape[3] != 128 or group_size != 128
-                                or merge != "pallas" or fixed_splits or mosaic_splits < 2):
+    mosaic_rows = q.shape[1] * (q.shape[2] // max(1, k_upper.shape[1]))
+    if history == "mosaic" and (mosaic_rows > 32 or q.shape[3] != 128 or group_size != 128 or merge != "pallas"
+                                or fixed_splits or mosaic_splits < 2):
         raise HierAttentionShapeError(
-            "history='mosaic' is the draft's kernel: T = 1, use_lower=False, head_dim = group_size = 128, "
-            f"merge='pallas', no fixed_splits, mosaic_splits >= 2 (got T={q.shape[1]}, use_lower={use_lower}, "
-            f"D={q.shape[3]}, G={group_size}, merge={merge!r}, fixed_splits={fixed_splits}, {mosaic_splits})")
+            "history='mosaic' takes T * R <= 32 query rows per KV head, head_dim = group_size = 128, merge='pallas', "
+            f"no fixed_splits, mosaic_splits >= 2 (got T * R = {mosaic_rows}, D={q.shape[3]}, G={group_size}, "
+            f"merge={merge!r}, fixed_splits={fixed_splits}, {mosaic_splits})")
     block_k, num_stages = resolve_defaults(block_k, num_stages)
     check_hier_attention_args(q, k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_v, positions,
                               buf_start, group_size=group_size, block_k=block_k, block_kb=block_kb,
@@ -592,7 +593,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
     # Rows (t, r) of KV head k: query head k*R + r at time t.
     if q_rows is None:
         qh = query_rows(q, kvh, sm_scale)
-    elif history == "mosaic" and q_rows.shape == (b, kvh, 2, 16, d // 2) and q_rows.dtype == jnp.float16:
+    elif history == "mosaic" and q_rows.shape == (b, kvh, 2, mp, d // 2) and q_rows.dtype == jnp.float16:
         qh = None  # already the Mosaic kernel's operand (qkv_to_cache(q_layout="mosaic"))
     elif q_rows.shape != (b, kvh, mp, d) or q_rows.dtype != jnp.float32:
         raise HierAttentionShapeError(f"q_rows must be float32 {(b, kvh, mp, d)}, got {q_rows.dtype} {q_rows.shape}")
@@ -608,14 +609,15 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
                         jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
     if history == "mosaic":  # the Mosaic kernel takes the history and the buffer; one merge kernel
-        from pallas_kernels.mgpu_draft_attention import draft_attention_partials, mosaic_query_rows
+        from pallas_kernels.mgpu_attention import attention_partials, mosaic_query_rows
 
         bdt = buf_k.dtype if buf_k.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
         q16 = q_rows if q_rows is not None and q_rows.dtype == jnp.float16 else mosaic_query_rows(qh)
-        second = draft_attention_partials(
-            q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen[:, 0], group_size=g,
-            buffer=(buf_k.astype(bdt), buf_v.astype(bdt), buf_start.astype(jnp.int32), positions[:, 0]),
-            num_splits=mosaic_splits, interpret=interpret)
+        second = attention_partials(
+            q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, k_lower=k_lower if use_lower else None,
+            v_lower=v_lower if use_lower else None, q_per_token=r,
+            buffer=(buf_k.astype(bdt), buf_v.astype(bdt), bst, positions), num_splits=mosaic_splits,
+            interpret=interpret)
         return merge_partials(None, None, None, total=0, t=t, r=r, out_dtype=q.dtype, second=second,
                               second_splits=mosaic_splits, interpret=interpret)
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
@@ -681,7 +683,7 @@ def _merge_kernel(*refs, total, s_pad, sc, r, r_pad, dblk, total2=0, s2_pad=0):
         m_all = stats(m_ref, 0, s_pad, NEG_INF)  # [s_pad, r_pad]
         first = chunk(0)  # issued before the maximum (a cross-warp reduction) waits on m: one latency, not two
         m_top = jnp.max(m_all, axis=0)  # [r_pad]
-    if total2:  # the second set: partials transposed, o2 [.., D, 16] (pallas_kernels.mgpu_draft_attention)
+    if total2:  # the second set: partials transposed, o2 [.., D, rows] (pallas_kernels.mgpu_attention)
         ok2 = (jnp.arange(s2_pad, dtype=jnp.int32) < total2)[:, None] & rmask[None, :]
         m2 = _plgpu.load(m2_ref.at[bi, hi, :, rows], mask=ok2, other=NEG_INF)  # [total2, r_pad]
         l2 = _plgpu.load(l2_ref.at[bi, hi, :, rows], mask=ok2, other=0.0)
@@ -717,9 +719,9 @@ def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, second=Non
     merge kernel, one program per row and KV head, lost to XLA). A row's output depends on its
     own partials only, in a fixed order: the exact mode's row invariance holds.
 
-    second: optional (o2, m2, l2) of more splits in the Mosaic draft kernel's layout, o2 f32
-    [B, KVH, S2, D, rows2] (transposed), m2 / l2 [B, KVH, S2, rows2] (T = 1; S2 a power of 2), of
-    which the first second_splits (default: all) were written; o, m, l may then be None (the
+    second: optional (o2, m2, l2) of more splits in the Mosaic kernel's layout, o2 f32
+    [B, KVH, S2, D, rows2] (transposed; row t * R + r), m2 / l2 [B, KVH, S2, rows2] (S2 a power of 2),
+    of which the first second_splits (default: all) were written; o, m, l may then be None (the
     Mosaic kernel took the buffer too)."""
     r_pad = _next_pow2(r)
     if o is None:  # the second set alone
@@ -738,8 +740,9 @@ def merge_partials(o, m, l, *, total: int, t: int, r: int, out_dtype, second=Non
         o2, m2, l2 = extra = tuple(second)
         s2_pad = o2.shape[2]
         total2 = s2_pad if second_splits is None else second_splits
-        if (t != 1 or o2.shape[:2] != (b, kvh) or o2.shape[3] != d or not _is_pow2(s2_pad) or total2 > s2_pad
-                or m2.shape != l2.shape or m2.shape != (b, kvh, s2_pad, o2.shape[4]) or o2.shape[4] < r_pad):
+        if (o2.shape[:2] != (b, kvh) or o2.shape[3] != d or not _is_pow2(s2_pad) or total2 > s2_pad
+                or m2.shape != l2.shape or m2.shape != (b, kvh, s2_pad, o2.shape[4])
+                or o2.shape[4] < (t - 1) * r + r_pad):
             raise HierAttentionShapeError(f"second partials {o2.shape} / {m2.shape} do not fit T={t}, R={r}, D={d}")
     out = _pl.pallas_call(
         _functools.partial(_merge_kernel, total=total, s_pad=s_pad, sc=sc, r=r, r_pad=r_pad, dblk=dblk, total2=total2,

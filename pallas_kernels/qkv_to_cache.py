@@ -63,7 +63,7 @@ def qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int,
     """qkv [B, T, (H + 2 KVH) * D] (q | k | v columns), cos / sin f32 [B, T, D], buffers
     [B, KVH, Sb, D], slot int32 [B] (buffer slot of each row's first new token).
     Returns (q_rows f32 [B, KVH, rows, D], buf_k, buf_v); q_layout "mosaic": the queries as the
-    Mosaic draft attention's f16 [B, KVH, 2, 16, D/2] (`mgpu_draft_attention.mosaic_query_rows`)."""
+    Mosaic attention's f16 [B, KVH, 2, rows, D/2] (`mgpu_attention.mosaic_query_rows`)."""
     b, t, n = qkv.shape
     h, kvh = num_heads, num_kv_heads
     d = n // (h + 2 * kvh)
@@ -72,7 +72,7 @@ def qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int,
     v = x[:, :, h + kvh:]
     q_rows = query_rows(q, kvh, d ** -0.5 if sm_scale is None else sm_scale)
     if q_layout == "mosaic":
-        from pallas_kernels.mgpu_draft_attention import mosaic_query_rows
+        from pallas_kernels.mgpu_attention import mosaic_query_rows
         q_rows = mosaic_query_rows(q_rows)
     return q_rows, write_rows(buf_k, k.transpose(0, 2, 1, 3), slot), write_rows(buf_v, v.transpose(0, 2, 1, 3), slot)
 
@@ -122,7 +122,7 @@ def qkv_to_cache(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_he
     """Pallas version of `qkv_to_cache_reference` (same contract; the same numbers up to the fma
     contraction of the float32 rope). Inside a jitted decode loop whose buffers are carried, the
     buffer updates are in place (input_output_aliases; the draft step's profile shows no copies).
-    q_layout "mosaic" writes the queries as the Mosaic draft attention takes them (T * R <= 16),
+    q_layout "mosaic" writes the queries as the Mosaic attention takes them (T * R <= 32),
     which saves a transpose kernel per layer."""
     err = QkvToCacheError
     if qkv.ndim != 3 or cos.shape != sin.shape or cos.ndim != 3 or cos.shape[:2] != qkv.shape[:2]:
@@ -140,8 +140,8 @@ def qkv_to_cache(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_he
         raise err(f"slot must be [B] = ({b},), got {slot.shape}")
     r = h // kvh
     rows = query_rows_count(t, r)
-    if q_layout not in ("rows", "mosaic") or (q_layout == "mosaic" and rows != 16):
-        raise err(f"q_layout must be 'rows' or 'mosaic' (T * R <= 16), got {q_layout!r} with T * R = {t * r}")
+    if q_layout not in ("rows", "mosaic") or (q_layout == "mosaic" and rows > 32):
+        raise err(f"q_layout must be 'rows' or 'mosaic' (T * R <= 32), got {q_layout!r} with T * R = {t * r}")
     mosaic = q_layout == "mosaic"
     q_type = (jax.ShapeDtypeStruct((b, kvh, 2, rows, d // 2), jnp.float16) if mosaic
               else jax.ShapeDtypeStruct((b, kvh, rows, d), jnp.float32))

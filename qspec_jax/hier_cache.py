@@ -159,8 +159,8 @@ class HierCache:
         b, t, _ = qkv.shape
         d = lc.buf_k.shape[3]
         bs = self.buf_start
-        # the Mosaic draft attention takes its queries in its own layout (saves a transpose kernel)
-        mosaic = view == DRAFT and self._draft_history(lc, t, opts) == "mosaic"
+        # the Mosaic attention takes its queries in its own layout (saves a transpose kernel)
+        mosaic = self._history_kernel(lc, t, num_heads, view, opts) == "mosaic"
         q_rows, buf_k, buf_v = qkv_to_cache(qkv, cos, sin, lc.buf_k, lc.buf_v, positions[:, 0] - bs,
                                             num_heads=num_heads, num_kv_heads=lc.buf_k.shape[1],
                                             q_layout="mosaic" if mosaic else "rows", interpret=opts.interpret)
@@ -169,16 +169,20 @@ class HierCache:
         out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows)
         return out, self.with_layer(layer, lc)
 
-    def _draft_history(self, lc: HierLayer, t: int, opts) -> str:
-        """The kernel for the draft's history and buffer: ForwardOptions.draft_history, with
-        "auto" resolved to "mosaic" on an sm_90 GPU for the shapes that kernel takes."""
-        if t != 1 or opts.draft_history == "triton":
-            return "triton"
-        if opts.draft_history == "mosaic":
+    def _history_kernel(self, lc: HierLayer, t: int, num_heads: int, view: str, opts) -> str:
+        """The kernel for the history and the buffer of a decode step on the Pallas path:
+        ForwardOptions.draft_history (the draft's one-token steps) or target_history (the
+        target's steps and verify passes). The draft's "auto" is "mosaic" on an sm_90 GPU for the
+        shapes that kernel takes, else "triton"; the target's "auto" is "triton", which reads the
+        two planes faster (H100, session 12: verify T = 4 at 128K 105.8 us against Mosaic's
+        129.8; T = 8 159.9 against 163.8)."""
+        draft = view == DRAFT
+        choice = opts.draft_history if draft else opts.target_history
+        if choice == "mosaic":
             return "mosaic"
-        if opts.interpret or not _sm90():
+        if not draft or t != 1 or choice == "triton" or opts.interpret or not _sm90():
             return "triton"
-        from pallas_kernels.mgpu_draft_attention import supports_layer
+        from pallas_kernels.mgpu_attention import supports_layer
 
         fits = supports_layer(lc.k_upper, lc.k_scale, lc.k_min, lc.v_upper, lc.v_scale, lc.v_min, lc.buf_k, lc.buf_v,
                               self.group_size)
@@ -191,8 +195,8 @@ class HierCache:
         if opts.use_pallas():
             from pallas_kernels.hier_attention import hier_attention_auto
 
-            # the draft's one-token steps may read the history with the Mosaic GPU kernel
-            history = "triton" if use_lower else self._draft_history(lc, q.shape[1], opts)
+            # the decode steps may read the history with the Mosaic GPU kernel
+            history = self._history_kernel(lc, q.shape[1], q.shape[2], TARGET if use_lower else DRAFT, opts)
             fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
                 lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower, backend="pallas",

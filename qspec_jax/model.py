@@ -90,10 +90,13 @@ class ForwardOptions:
       device: CPU tests of what the GPU runs).
     draft_history: which kernel reads the quantized history and the buffer in the draft's
       one-token steps on the Pallas path: "triton" (`hier_attention`'s own programs), "mosaic"
-      (`pallas_kernels.mgpu_draft_attention`: sm_90 GPUs, head_dim = group size = 128, a bf16 /
-      f16 buffer of a multiple of 8 slots) or "auto" (mosaic where it applies and not
-      interpreted, else triton). H100, session 11: draft step 3.04 -> 3.00 ms at 32K, 4.80 ->
-      4.59 ms at 128K.
+      (`pallas_kernels.mgpu_attention`: sm_90 GPUs, head_dim = group size = 128, a bf16 / f16
+      buffer of a multiple of 8 slots) or "auto" (mosaic where it applies and not interpreted,
+      else triton). H100, session 11: draft step 3.04 -> 3.00 ms at 32K, 4.80 -> 4.59 ms at 128K.
+    target_history: the same choice for the target's decode steps and verify passes (both
+      planes, T * R <= 32 query rows per KV head, not the exact mode's position-fixed splits);
+      "auto" is "triton", faster there (H100, session 12: verify T = 4 at 128K 105.8 us against
+      Mosaic's 129.8).
     """
 
     backend: str = "auto"
@@ -102,12 +105,14 @@ class ForwardOptions:
     prefill_block: int = 1024
     interpret: bool = False
     draft_history: str = "auto"
+    target_history: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.fixed_rows, int) or self.fixed_rows < 0:
             raise ValueError(f"fixed_rows must be an int >= 0 (0 = off), got {self.fixed_rows!r}")
-        if self.draft_history not in ("auto", "triton", "mosaic"):
-            raise ValueError(f"draft_history must be 'auto', 'triton' or 'mosaic', got {self.draft_history!r}")
+        for name in ("draft_history", "target_history"):
+            if getattr(self, name) not in ("auto", "triton", "mosaic"):
+                raise ValueError(f"{name} must be 'auto', 'triton' or 'mosaic', got {getattr(self, name)!r}")
 
     def for_draft(self) -> "ForwardOptions":
         """The draft's options: never padded (only the target's numbers must be invariant)."""

@@ -255,7 +255,8 @@ def kv_bytes_fp(config, s):
 
 def bench(args):
     config = SHAPES[args.shape]
-    opts = ForwardOptions(backend=args.backend, fixed_rows=args.fixed_rows, draft_history=args.draft_history)
+    opts = ForwardOptions(backend=args.backend, fixed_rows=args.fixed_rows, draft_history=args.draft_history,
+                          target_history=args.target_history)
     dev = jax.devices()[0]
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
@@ -351,6 +352,9 @@ def main():
     p.add_argument("--backend", default="auto")
     p.add_argument("--draft-history", default="auto", choices=["auto", "triton", "mosaic"],
                    help="the draft attention's history kernel (ForwardOptions.draft_history)")
+    p.add_argument("--target-history", default="auto", choices=["auto", "triton", "mosaic"],
+                   help="the target's (verify, AR step over the hierarchical cache) history kernel "
+                        "(ForwardOptions.target_history)")
     p.add_argument("--fixed-rows", type=int, default=0,
                    help="ForwardOptions.fixed_rows (the GPU-exact mode): target forwards on this many rows")
     p.add_argument("--diagnose-no-cache-write", action="store_true",

@@ -73,7 +73,9 @@ def main():
              # the draft's attention forced to one kernel ("pallas*" take draft_history="auto": the
              # Mosaic GPU kernel on sm_90 where the shapes fit, i.e. "long")
              "pallas+fixed8+mosaic": ForwardOptions(backend="auto", fixed_rows=8, draft_history="mosaic"),
-             "pallas+fixed8+triton": ForwardOptions(backend="auto", fixed_rows=8, draft_history="triton")}
+             "pallas+fixed8+triton": ForwardOptions(backend="auto", fixed_rows=8, draft_history="triton"),
+             # not the exact mode: the target's verify and steps through the Mosaic kernel too
+             "pallas+mosaic": ForwardOptions(backend="auto", draft_history="mosaic", target_history="mosaic")}
     gammas = (1, 4, 7)
     wanted = sys.argv[2].split(",") if len(sys.argv) > 2 else ["pallas", "reference+exact_rows"]
     for mode, opts in ((m, modes[m]) for m in wanted):
