@@ -485,14 +485,15 @@ def resolve_defaults(block_k, num_stages):
 
 @_functools.partial(_jax.jit, static_argnames=(
     "group_size", "use_lower", "sm_scale", "block_k", "block_kb", "num_splits", "buffer_splits", "num_warps",
-    "num_stages", "unpack", "prefetch", "fixed_splits", "merge", "history", "mosaic_splits", "interpret"))
+    "num_stages", "unpack", "prefetch", "fixed_splits", "merge", "history", "mosaic_splits", "l2_prefetch_bytes",
+    "interpret"))
 def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scale, v_min, buf_k, buf_v,
                    positions, buf_start, *, group_size: int, use_lower: bool, sm_scale: float | None = None,
                    block_k: int | None = None, block_kb: int = 64, num_splits: int | None = None,
                    buffer_splits: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                    unpack: str = "auto", prefetch: bool | None = None, fixed_splits: bool = False,
                    merge: str = "pallas", q_rows=None, history: str = "triton", mosaic_splits: int = 33,
-                   interpret: bool = False):
+                   l2_prefetch=(), l2_prefetch_bytes: int | None = None, interpret: bool = False):
     """Pallas flash-decoding over the hierarchical cache; same contract as the reference.
 
     q [B, T, H, D] (T <= 16, H/KVH <= 8, D in {64, 128}), positions [B, T], buf_start [B].
@@ -529,6 +530,9 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
       `pallas_kernels.mgpu_attention` reads the history in mosaic_splits - 1 programs and the
       buffer in one more (33: 32 + 1, one wave of the H100's 2 programs per SM at 8 KV heads), and
       `merge_partials` takes its partials; H100 sessions 11-12).
+    l2_prefetch: with history="mosaic", arrays the next kernels read, prefetched into the L2 cache
+      by the Mosaic programs, in order, up to l2_prefetch_bytes (`mgpu_attention.attention_partials`);
+      ignored by the Triton path.
     """
     if merge not in ("pallas", "xla"):
         raise HierAttentionShapeError(f"merge must be 'pallas' or 'xla', got {merge!r}")
@@ -617,7 +621,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
             q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, k_lower=k_lower if use_lower else None,
             v_lower=v_lower if use_lower else None, q_per_token=r,
             buffer=(buf_k.astype(bdt), buf_v.astype(bdt), bst, positions), num_splits=mosaic_splits,
-            interpret=interpret)
+            l2_prefetch=tuple(l2_prefetch), l2_prefetch_bytes=l2_prefetch_bytes, interpret=interpret)
         return merge_partials(None, None, None, total=0, t=t, r=r, out_dtype=q.dtype, second=second,
                               second_splits=mosaic_splits, interpret=interpret)
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,

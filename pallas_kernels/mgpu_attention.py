@@ -207,7 +207,8 @@ def supports_layer(k_upper, k_scale, k_min, v_upper, v_scale, v_min, buf_k, buf_
 
 def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, *, k_lower=None, v_lower=None,
                        q_per_token: int | None = None, buffer=None, group_size: int = GROUP, num_splits: int = 32,
-                       stages: int = 2, interpret: bool = False):
+                       stages: int = 2, l2_prefetch=(), l2_prefetch_bytes: int | None = None,
+                       interpret: bool = False):
     """Flash-decoding partials of the attention of T new tokens over the quantized history.
 
     q16 f16 [B, KVH, 2, N, 64] (`mosaic_query_rows`; N = 16 or 32, column t * R + r the query head
@@ -223,7 +224,13 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
     the last program of each (row, KV head), so the history gets num_splits - 1. buf_k / buf_v
     bf16 or f16 [B, KVH, Sb, 128] (Sb a multiple of 8), buf_start int32 [B], positions int32 [B, T]:
     token t sees slots [qlen_t - buf_start, position_t - buf_start]. 64 slots per step, converted
-    to f16 in registers (the values loaded transposed) for the same f16 products."""
+    to f16 in registers (the values loaded transposed) for the same f16 products.
+
+    l2_prefetch: arrays the next kernel reads (the o-projection's INT4 weight): the programs
+    prefetch them into the L2 cache (TMA, boxes of 256 rows of 256 bytes spread over the programs)
+    after their history loop, while the attention still leaves DRAM bandwidth unused. Only whole
+    boxes are prefetched, in order, up to l2_prefetch_bytes in all (None: everything); nothing
+    under the interpreter."""
     check_args(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, qlen, group_size, buffer, k_lower, v_lower,
                q_per_token)
     if num_splits < 1 or stages < 1 or (buffer is not None and num_splits < 2):
@@ -233,6 +240,15 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
         buf_k, buf_v, buf_start, positions = buffer
         bdt, sb = buf_k.dtype, buf_k.shape[2]
     hs = num_splits - 1 if buffered else num_splits  # programs over the history
+    pf = [] if interpret else [(lax.bitcast_convert_type(x, jnp.int8) if x.dtype == jnp.uint8 else x).reshape(
+        -1, 256 // x.dtype.itemsize) for x in l2_prefetch if (x.size * x.dtype.itemsize) % 256 == 0]
+    pf_boxes, budget = [], (1 << 62) if l2_prefetch_bytes is None else l2_prefetch_bytes
+    for x in pf:  # whole boxes of 64 KiB, in order, within the budget
+        pf_boxes.append(min(x.shape[0] // 256, budget // (1 << 16)))
+        budget -= pf_boxes[-1] << 16
+    pf = [x for x, n_ in zip(pf, pf_boxes) if n_]
+    pf_boxes = [n_ for n_ in pf_boxes if n_]
+    nprog = k_upper.shape[0] * k_upper.shape[1] * num_splits
     b, kvh, sq, half = k_upper.shape
     t = qlen.shape[1]
     nt = sq // GROUP
@@ -247,6 +263,7 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
         sc_g, q_g, ku_g, ks_g, km_g, vu_g, vs_g, vm_g = (next(it) for _ in range(8))
         kl_g, vl_g = (next(it) for _ in range(2)) if int8 else (None,) * 2
         bk_g, bv_g = (next(it) for _ in range(2)) if buffered else (None,) * 2
+        pf_g = [next(it) for _ in pf_boxes]
         o_g, m_g, l_g, sc_s, q_s, pv_s, ak_s, av_s, o_s, m_s, l_s, bar = (next(it) for _ in range(12))
         ku_b, ks_b, km_b, vu_b, vs_b, vm_b = (next(it) for _ in range(6))
         kl_b, vl_b = (next(it) for _ in range(2)) if int8 else (None,) * 2
@@ -361,6 +378,11 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
         init = (z, z, plgpu.layout_cast(jnp.full((n,), -1e30, jnp.float32), COL),
                 plgpu.layout_cast(jnp.zeros((n,), jnp.float32), COL))
         carry = lax.fori_loop(0, steps, loop, init)
+        pid = bh * num_splits + sp
+        for ref, boxes in zip(pf_g, pf_boxes):  # box j by program j (mod programs)
+            for k in range(-(-boxes // nprog)):
+                j = pid + k * nprog
+                pl.when(j < boxes)(lambda ref=ref, j=j: plgpu.async_prefetch(ref.at[pl.ds(j * 256, 256)]))
         if buffered:  # the last program: the slots any token sees, [lo, end), 64 per step
             bst = sc_s[0, bi]
             lo, end = qmin - bst, pmax - bst + 1
@@ -458,5 +480,6 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
     scalars = jnp.concatenate([scalars[0], qlen, scalars[1]], axis=1).astype(jnp.int32).T  # [1 + 2T, B]
     scalars = jnp.pad(scalars, ((0, 0), (0, bpad - b)))
     o, m, l = kernel(scalars, q16, bits(k_upper), k_scale, k_min, vblocks(v_upper), v_scale[..., 0], v_min[..., 0],
-                     *((bits(k_lower), vblocks(v_lower)) if int8 else ()), *((buf_k, buf_v) if buffered else ()))
+                     *((bits(k_lower), vblocks(v_lower)) if int8 else ()), *((buf_k, buf_v) if buffered else ()),
+                     *pf)
     return o.reshape(b, kvh, s_alloc, 2 * half, n), m, l

@@ -147,11 +147,13 @@ class HierCache:
         """Whether a decode step goes through `attend_qkv` (the Pallas path, not exact_rows)."""
         return opts.use_pallas() and not opts.exact_rows
 
-    def attend_qkv(self, layer, qkv, cos, sin, positions, *, num_heads, view=TARGET, opts):
+    def attend_qkv(self, layer, qkv, cos, sin, positions, *, num_heads, view=TARGET, opts, l2_prefetch=()):
         """`attend` for a decode step from the un-roped projections qkv [B, T, (H + 2 KVH) * D]
         and the rope tables: one kernel (`pallas_kernels.qkv_to_cache`) ropes q and k, writes k
         and v into the buffer and lays the queries out as the attention kernel's rows, where XLA
-        made three kernels per layer (H100: ~4 us of a draft step's ~99 us per layer at 32K)."""
+        made three kernels per layer (H100: ~4 us of a draft step's ~99 us per layer at 32K).
+        l2_prefetch: arrays the next kernel reads (the o-projection's weight), which the Mosaic
+        attention prefetches into the L2 cache (`ForwardOptions.l2_prefetch`)."""
         from pallas_kernels.qkv_to_cache import qkv_to_cache
 
         self._check_view(view)
@@ -166,7 +168,8 @@ class HierCache:
                                             q_layout="mosaic" if mosaic else "rows", interpret=opts.interpret)
         lc = lc.replace(buf_k=buf_k, buf_v=buf_v)
         q_shape = qkv[:, :, :num_heads * d].reshape(b, t, num_heads, d)  # shapes and dtype only
-        out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows)
+        out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows,
+                         l2_prefetch=l2_prefetch if mosaic else ())
         return out, self.with_layer(layer, lc)
 
     def _history_kernel(self, lc: HierLayer, t: int, num_heads: int, view: str, opts) -> str:
@@ -188,7 +191,7 @@ class HierCache:
                               self.group_size)
         return "mosaic" if fits else "triton"
 
-    def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None):
+    def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None, l2_prefetch=()):
         g = self.group_size
         if opts.exact_rows:
             return per_query(self._aligned_reference(lc, bs, use_lower), q, positions)
@@ -200,7 +203,9 @@ class HierCache:
             fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
                 lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower, backend="pallas",
-                fixed_splits=opts.fixed_rows > 0, q_rows=q_rows, history=history, interpret=opts.interpret)
+                fixed_splits=opts.fixed_rows > 0, q_rows=q_rows, history=history, interpret=opts.interpret,
+                **({"l2_prefetch": tuple(l2_prefetch), "l2_prefetch_bytes": opts.l2_prefetch}
+                   if history == "mosaic" and l2_prefetch else {}))
         else:
             fn = lambda qq, pp: hier_attention_reference(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,

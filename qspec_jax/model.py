@@ -97,6 +97,9 @@ class ForwardOptions:
       planes, T * R <= 32 query rows per KV head, not the exact mode's position-fixed splits);
       "auto" is "triton", faster there (H100, session 12: verify T = 4 at 128K 105.8 us against
       Mosaic's 129.8).
+    l2_prefetch: bytes of the INT4 weights read after the attention (the o-projection, then a
+      prefix of gate | up) that the Mosaic attention prefetches into the L2 cache at the end of
+      its programs (0: none).
     """
 
     backend: str = "auto"
@@ -106,10 +109,13 @@ class ForwardOptions:
     interpret: bool = False
     draft_history: str = "auto"
     target_history: str = "auto"
+    l2_prefetch: int = 24 << 20
 
     def __post_init__(self):
         if not isinstance(self.fixed_rows, int) or self.fixed_rows < 0:
             raise ValueError(f"fixed_rows must be an int >= 0 (0 = off), got {self.fixed_rows!r}")
+        if not isinstance(self.l2_prefetch, int) or self.l2_prefetch < 0:
+            raise ValueError(f"l2_prefetch must be a byte count >= 0, got {self.l2_prefetch!r}")
         for name in ("draft_history", "target_history"):
             if getattr(self, name) not in ("auto", "triton", "mosaic"):
                 raise ValueError(f"{name} must be 'auto', 'triton' or 'mosaic', got {getattr(self, name)!r}")
@@ -312,7 +318,7 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
             qkv = qkv + layer.bqkv
         if not prefill and cache.takes_qkv(opts):  # one kernel for rope, cache writes and query layout
             attn, cache = cache.attend_qkv(n, qkv, cos, sin, positions, num_heads=config.num_heads, view=view,
-                                           opts=opts)
+                                           opts=opts, l2_prefetch=_l2_prefetch(layer, opts))
         else:
             q, k, v = split_columns(qkv, qkv_sizes(config))
             q = apply_rope(q.reshape(b, t, config.num_heads, hd), cos, sin, exact=opts.exact_rows)
@@ -323,6 +329,16 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
         h = norm_linear(x, layer.mlp_norm, config.rms_norm_eps, layer.w_gate_up, opts, act="silu_mul")
         x = linear_residual(h, layer.w_down, x, opts)
     return rms_norm(x, params.final_norm, config.rms_norm_eps)[:, :t_real], cache
+
+
+def _l2_prefetch(layer, opts: ForwardOptions) -> tuple:
+    """The INT4 arrays read after the attention (the o-projection, then gate | up) for the attention
+    kernel to prefetch into the L2 cache, up to ForwardOptions.l2_prefetch bytes (the Mosaic
+    attention takes them, the others ignore them)."""
+    ws = [w for w in (layer.wo, layer.w_gate_up) if _fuses(w, opts)]
+    if not opts.l2_prefetch or not ws:
+        return ()
+    return tuple(a for w in ws for a in (w.scale, w.minimum, w.packed))
 
 
 def pad_token_rows(tokens, positions, rows: int):

@@ -256,7 +256,7 @@ def kv_bytes_fp(config, s):
 def bench(args):
     config = SHAPES[args.shape]
     opts = ForwardOptions(backend=args.backend, fixed_rows=args.fixed_rows, draft_history=args.draft_history,
-                          target_history=args.target_history)
+                          target_history=args.target_history, l2_prefetch=int(args.l2_prefetch_mb * 2**20))
     dev = jax.devices()[0]
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
@@ -352,6 +352,9 @@ def main():
     p.add_argument("--backend", default="auto")
     p.add_argument("--draft-history", default="auto", choices=["auto", "triton", "mosaic"],
                    help="the draft attention's history kernel (ForwardOptions.draft_history)")
+    p.add_argument("--l2-prefetch-mb", type=float, default=24,
+                   help="ForwardOptions.l2_prefetch in MiB: weights after the attention that the Mosaic "
+                        "attention prefetches into L2 (0: none)")
     p.add_argument("--target-history", default="auto", choices=["auto", "triton", "mosaic"],
                    help="the target's (verify, AR step over the hierarchical cache) history kernel "
                         "(ForwardOptions.target_history)")

@@ -183,6 +183,31 @@ def test_hier_attention_mosaic_history_rejects_other_shapes():
         hier_attention(*args, group_size=G, use_lower=False, history="cuda", interpret=True)
 
 
+@pytest.mark.parametrize("t,r,lower", [(1, 4, False), (4, 4, True), (8, 4, True)])
+def test_the_gpu_lowering_runs_on_the_cpu(t, r, lower):
+    """What the GPU compiles, short of ptxas: Mosaic GPU's layout inference and lowering for sm_90
+    (`lower(lowering_platforms=("cuda",))` runs on a CPU-only jaxlib), with the inline PTX, the
+    buffer, the L2 prefetch of the next weights and 16 / 32 query rows; the interpreter tests
+    above cover none of these GPU-only paths."""
+    import jax
+
+    sds = jax.ShapeDtypeStruct
+    b, kvh, sq, n = 1, 8, 4 * G, 16 if t * r <= 16 else 32
+    planes = (sds((b, kvh, sq, 64), jnp.uint8), sds((b, kvh, sq // G, 64, G), jnp.uint8))
+    stats = (sds((b, kvh, sq // G, 128), jnp.float16), sds((b, kvh, sq, 1), jnp.float16))
+    q16 = sds((b, kvh, 2, n, 64), jnp.float16)
+    buf = (sds((b, kvh, 272, 128), jnp.bfloat16),) * 2 + (sds((b,), jnp.int32), sds((b, t), jnp.int32))
+    weight = (sds((512, 32, 64), jnp.uint8), sds((512, 32), jnp.float16))  # 1 MiB + 32 KiB: whole boxes and a part
+
+    def fn(q, ku, kst, vu, vst, qlen, buf, weight, lower_planes):
+        return attention_partials(q, ku, kst, kst, vu, vst, vst, qlen, k_lower=lower_planes[0] if lower else None,
+                                  v_lower=lower_planes[1] if lower else None, q_per_token=r, buffer=buf,
+                                  l2_prefetch=weight, num_splits=33)
+    text = jax.jit(fn).trace(q16, planes[0], stats[0], planes[1], stats[1], sds((b, t), jnp.int32), buf, weight,
+                             planes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 def test_forward_options_history_kernels_are_checked():
     from qspec_jax.model import ForwardOptions
 
@@ -192,6 +217,8 @@ def test_forward_options_history_kernels_are_checked():
         ForwardOptions(draft_history="cuda")
     with pytest.raises(ValueError, match="target_history"):
         ForwardOptions(target_history="cuda")
+    with pytest.raises(ValueError, match="l2_prefetch"):
+        ForwardOptions(l2_prefetch=-1)
 
 
 def test_qkv_to_cache_writes_the_mosaic_query_layout():
