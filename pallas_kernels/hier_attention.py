@@ -605,12 +605,7 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
         qh = q_rows
     positions = positions.astype(jnp.int32)
     qlen = jnp.minimum(quantized_prefix(positions, g), sq)  # [B, T]
-    qlen_rows = jnp.pad(jnp.repeat(qlen, r, axis=1), ((0, 0), (0, mp - mrows)))
-    pos_rows = jnp.pad(jnp.repeat(positions, r, axis=1), ((0, 0), (0, mp - mrows)), constant_values=-1)
-    qmax = jnp.max(qlen, axis=1)
     bst = buf_start.astype(jnp.int32)
-    brange = jnp.stack([jnp.clip(jnp.min(qlen, axis=1) - bst, 0, sb),
-                        jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
 
     if history == "mosaic":  # the Mosaic kernel takes the history and the buffer; one merge kernel
         from pallas_kernels.mgpu_attention import attention_partials, mosaic_query_rows
@@ -624,6 +619,12 @@ def hier_attention(q, k_upper, k_lower, k_scale, k_min, v_upper, v_lower, v_scal
             l2_prefetch=tuple(l2_prefetch), l2_prefetch_bytes=l2_prefetch_bytes, interpret=interpret)
         return merge_partials(None, None, None, total=0, t=t, r=r, out_dtype=q.dtype, second=second,
                               second_splits=mosaic_splits, interpret=interpret)
+    # the Triton programs' per-row bounds
+    qlen_rows = jnp.pad(jnp.repeat(qlen, r, axis=1), ((0, 0), (0, mp - mrows)))
+    pos_rows = jnp.pad(jnp.repeat(positions, r, axis=1), ((0, 0), (0, mp - mrows)), constant_values=-1)
+    qmax = jnp.max(qlen, axis=1)
+    brange = jnp.stack([jnp.clip(jnp.min(qlen, axis=1) - bst, 0, sb),
+                        jnp.clip(jnp.max(positions, axis=1) - bst + 1, 0, sb)], axis=1)
     cfg = (d, half, g, gv, w, nch, block_k, tk, nsub, block_kb, sq, n_splits, buffer_splits, mp, mrows, cdt,
            use_lower, magic, block_k > g, prefetch, fixed_chunk, asm, int8)
     args = [qh, qlen_rows, pos_rows, qmax, bst, brange, k_upper] + ([k_lower] if use_lower else []) + [

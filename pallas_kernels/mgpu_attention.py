@@ -2,7 +2,7 @@
 one-token steps (upper planes) and the target's verify pass (both planes, gamma + 1 tokens).
 
 The decoder's Pallas path on sm_90 GPUs (`hier_attention(history="mosaic")`, chosen by
-`ForwardOptions.draft_history` / `verify_history` = "auto"; `merge_partials` combines the
+`ForwardOptions.draft_history` / `target_history`; `merge_partials` combines the
 partials). H100 (docs/benchmarks.md, sessions 11-12): the draft's history at 20.8 / 38.6 / 70.6 us
 at 32K / 64K / 128K (Llama-3.1-8B shape) against the Triton `hier_attention`'s 28.4 / 50.6 / 88.7
 (with its buffer and merge).

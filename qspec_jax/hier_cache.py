@@ -152,8 +152,8 @@ class HierCache:
         and the rope tables: one kernel (`pallas_kernels.qkv_to_cache`) ropes q and k, writes k
         and v into the buffer and lays the queries out as the attention kernel's rows, where XLA
         made three kernels per layer (H100: ~4 us of a draft step's ~99 us per layer at 32K).
-        l2_prefetch: arrays the next kernel reads (the o-projection's weight), which the Mosaic
-        attention prefetches into the L2 cache (`ForwardOptions.l2_prefetch`)."""
+        l2_prefetch: arrays the next kernels read (the o-projection's and gate | up's INT4 arrays),
+        which the Mosaic attention prefetches into the L2 cache (`ForwardOptions.l2_prefetch`)."""
         from pallas_kernels.qkv_to_cache import qkv_to_cache
 
         self._check_view(view)
@@ -162,14 +162,15 @@ class HierCache:
         d = lc.buf_k.shape[3]
         bs = self.buf_start
         # the Mosaic attention takes its queries in its own layout (saves a transpose kernel)
-        mosaic = self._history_kernel(lc, t, num_heads, view, opts) == "mosaic"
+        history = self._history_kernel(lc, t, num_heads, view, opts)
+        mosaic = history == "mosaic"
         q_rows, buf_k, buf_v = qkv_to_cache(qkv, cos, sin, lc.buf_k, lc.buf_v, positions[:, 0] - bs,
                                             num_heads=num_heads, num_kv_heads=lc.buf_k.shape[1],
                                             q_layout="mosaic" if mosaic else "rows", interpret=opts.interpret)
         lc = lc.replace(buf_k=buf_k, buf_v=buf_v)
         q_shape = qkv[:, :, :num_heads * d].reshape(b, t, num_heads, d)  # shapes and dtype only
         out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows,
-                         l2_prefetch=l2_prefetch if mosaic else ())
+                         history=history, l2_prefetch=l2_prefetch if mosaic else ())
         return out, self.with_layer(layer, lc)
 
     def _history_kernel(self, lc: HierLayer, t: int, num_heads: int, view: str, opts) -> str:
@@ -191,15 +192,15 @@ class HierCache:
                               self.group_size)
         return "mosaic" if fits else "triton"
 
-    def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None, l2_prefetch=()):
+    def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None, history=None, l2_prefetch=()):
         g = self.group_size
         if opts.exact_rows:
             return per_query(self._aligned_reference(lc, bs, use_lower), q, positions)
         if opts.use_pallas():
             from pallas_kernels.hier_attention import hier_attention_auto
 
-            # the decode steps may read the history with the Mosaic GPU kernel
-            history = self._history_kernel(lc, q.shape[1], q.shape[2], TARGET if use_lower else DRAFT, opts)
+            if history is None:  # (attend_qkv chose it already, for its query layout)
+                history = self._history_kernel(lc, q.shape[1], q.shape[2], TARGET if use_lower else DRAFT, opts)
             fn = lambda qq, pp: hier_attention_auto(  # noqa: E731
                 qq, lc.k_upper, lc.k_lower, lc.k_scale, lc.k_min, lc.v_upper, lc.v_lower, lc.v_scale,
                 lc.v_min, lc.buf_k, lc.buf_v, pp, bs, group_size=g, use_lower=use_lower, backend="pallas",

@@ -352,12 +352,12 @@ def main():
     p.add_argument("--backend", default="auto")
     p.add_argument("--draft-history", default="auto", choices=["auto", "triton", "mosaic"],
                    help="the draft attention's history kernel (ForwardOptions.draft_history)")
-    p.add_argument("--l2-prefetch-mb", type=float, default=24,
-                   help="ForwardOptions.l2_prefetch in MiB: weights after the attention that the Mosaic "
-                        "attention prefetches into L2 (0: none)")
     p.add_argument("--target-history", default="auto", choices=["auto", "triton", "mosaic"],
                    help="the target's (verify, AR step over the hierarchical cache) history kernel "
                         "(ForwardOptions.target_history)")
+    p.add_argument("--l2-prefetch-mb", type=float, default=24,
+                   help="ForwardOptions.l2_prefetch in MiB: weights after the attention that the Mosaic "
+                        "attention prefetches into L2 (0: none)")
     p.add_argument("--fixed-rows", type=int, default=0,
                    help="ForwardOptions.fixed_rows (the GPU-exact mode): target forwards on this many rows")
     p.add_argument("--diagnose-no-cache-write", action="store_true",

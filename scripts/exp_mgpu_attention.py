@@ -115,8 +115,8 @@ def timings(out: dict, contexts) -> None:
         tr, mo = rec["triton"].get("time_s", float("nan")), rec["mosaic"].get("time_s", float("nan"))
         xs = rec["mosaic"].get("xla_s", float("nan"))
         role = "draft T=1" if rec["t"] == 1 else f"verify T={rec['t']}"
-        print(f"| {rec['ctx'] // 1024}K | {role} | {tr * 1e6:.1f} | {mo * 1e6:.1f} | {rec['mosaic'].get('tb_s', 0):.2f} "
-              f"| {xs * 1e6:.1f} | {xs / mo:.2f}x | {xs / tr:.2f}x |")
+        print(f"| {rec['ctx'] // 1024}K | {role} | {tr * 1e6:.1f} | {mo * 1e6:.1f} | "
+              f"{rec['mosaic'].get('tb_s', 0):.2f} | {xs * 1e6:.1f} | {xs / mo:.2f}x | {xs / tr:.2f}x |")
 
 
 def splits_sweep(out: dict, contexts, splits, roles) -> None:
@@ -129,8 +129,8 @@ def splits_sweep(out: dict, contexts, splits, roles) -> None:
             for sp in splits:
                 r = bk.time_attention(targs, ctx, t, lower, {"history": "mosaic", "mosaic_splits": sp}, xla=False)
                 out.setdefault("splits", []).append(dict(ctx=ctx, t=t, lower=lower, splits=sp, time_s=r.get("time_s")))
-                print(f"splits ctx {ctx} T={t} lower={lower} mosaic_splits={sp}: {r.get('time_s', float('nan')) * 1e6:.1f} us",
-                      flush=True)
+                us = r.get("time_s", float("nan")) * 1e6
+                print(f"splits ctx {ctx} T={t} lower={lower} mosaic_splits={sp}: {us:.1f} us", flush=True)
 
 
 def run_once(ctx: int = 32768) -> None:
@@ -150,7 +150,8 @@ def main() -> int:
     ap.add_argument("--contexts", default="32768,65536,131072")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--splits", default="", help="S,S,...: time mosaic_splits values instead of the table")
-    ap.add_argument("--roles", default="1d,4v,8v", help="with --splits: T and view (d draft, v verify), comma-separated")
+    ap.add_argument("--roles", default="1d,4v,8v",
+                    help="with --splits: T and view (d draft, v verify), comma-separated")
     ap.add_argument("--json", default=os.path.join(os.environ["OUT"], "mgpu_attention.json") if os.environ.get("OUT")
                     else None)
     args = ap.parse_args()
