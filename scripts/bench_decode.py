@@ -362,6 +362,9 @@ def main():
                    help="ForwardOptions.fixed_rows (the GPU-exact mode): target forwards on this many rows")
     p.add_argument("--diagnose-no-cache-write", action="store_true",
                    help="diagnostic only: skip the KV write (wrong results) to price the in-loop cache update")
+    p.add_argument("--diagnose-skip", nargs="*", default=[], choices=["merge"],
+                   help="diagnostic only (wrong results): the decoder without these kernels, to price fusing "
+                        "them away; merge: split 0's partial output (one XLA slice) is the attention output")
     p.add_argument("--profile-top", type=int, default=12, help="kernels listed per round profile")
     p.add_argument("--profile", action="store_true", help="AR: device kernels of one call by name (profiler)")
     p.add_argument("--hlo-dir", default=None, help="write the compiled draft-step loop's HLO here (fusion names)")
@@ -370,6 +373,15 @@ def main():
     if args.diagnose_no_cache_write:
         import qspec_jax.kv_cache as kvc
         kvc.write_rows = lambda buf, new, start: buf
+    if "merge" in args.diagnose_skip:
+        import pallas_kernels.hier_attention as ha
+
+        def no_merge(o, m, l, *, t, r, out_dtype, second=None, **_):
+            o2 = second[0] if second is not None else o  # [B, KVH, S', D, rows] (Mosaic) or [B, KVH, S', rows, D]
+            b, kvh, d = o2.shape[0], o2.shape[1], o2.shape[3] if second is not None else o2.shape[4]
+            x = o2[:, :, 0, :, :t * r] if second is not None else jnp.swapaxes(o2[:, :, 0, :t * r], -1, -2)
+            return x.reshape(b, kvh, d, t, r).transpose(0, 3, 1, 4, 2).reshape(b, t, kvh * r, d).astype(out_dtype)
+        ha.merge_partials = no_merge
     result = bench(args)
     text = json.dumps(result, indent=1)
     for path in filter(None, [args.json, os.path.join(os.environ["OUT"], f"bench_decode_{args.shape}_{'-'.join(args.parts)}.json")
