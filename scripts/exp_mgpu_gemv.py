@@ -106,7 +106,7 @@ def dequant_rows(w, sc, mn, interpret):
 
 
 def mgpu_gemv(xt, packed, scale_t, min_t, *, split_k=1, stages=4, aux=None, group_major=False, per_step=1,
-              rows=ROWS, interpret=False):
+              rows=ROWS, probe=None, interpret=False):
     """xt f16 [ng, 2, 8, 64] (`x_tiles`), packed uint8 [N, ng, 64], scale_t / min_t f16 [ng, N]
     -> f32 [split_k, N, 8] partials (column 0 the output).
 
@@ -152,6 +152,18 @@ def mgpu_gemv(xt, packed, scale_t, min_t, *, split_k=1, stages=4, aux=None, grou
             fetch(i, i)
         if codes:
             plgpu.barrier_wait(abar.at[0])
+
+        def loop_probe(i, acc):  # timing probes (wrong results): the pipeline alone, or no wgmma
+            slot = i % stages
+            plgpu.barrier_wait(bars.at[slot])
+            bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, (rows, NB), [0]), WGMMA)  # noqa: E731
+            v = plgpu.load(s_s.at[slot, 0], layout=ROW).astype(jnp.float32)
+            if probe == "nomma":
+                w = plgpu.layout_cast(p_s[slot, 0], WGMMA)
+                lo, hi = codes_asm(w.shape)(w)
+                v = v + plgpu.layout_cast(jnp.sum((lo + hi).astype(jnp.float32), axis=1), ROW)
+            pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
+            return acc + bc(v)
 
         def loop_codes(i, acc):
             slot = i % stages
@@ -213,7 +225,7 @@ def mgpu_gemv(xt, packed, scale_t, min_t, *, split_k=1, stages=4, aux=None, grou
             pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
             return acc
 
-        acc = lax.fori_loop(0, steps, loop_codes if codes else loop,
+        acc = lax.fori_loop(0, steps, loop_probe if probe else loop_codes if codes else loop,
                             plgpu.layout_cast(jnp.zeros((rows, NB), jnp.float32), WGMMA))
         o_s[...] = acc
         plgpu.commit_smem()
@@ -330,6 +342,29 @@ def timings(out):
         print(f"| {r['shape']} | {r['mb']:.1f} MB | Triton {r['triton_us']:.1f} | " + " | ".join(ms) + " |")
 
 
+def probes(out):
+    """gate / up: the TMA pipeline alone ("stream"), + the codes' unpacking without wgmma ("nomma"),
+    the whole kernel, and the Triton GEMV, in one run."""
+    import bench_kernels as bk
+    from pallas_kernels.int4_matmul import int4_matmul
+    bk.PROFILE = True
+    rng = np.random.default_rng(1)
+    k, n = 4096, 28672
+    packed, scale, mn = random_weights(rng, n, k)
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+    qbytes = packed.size + 4 * scale.size
+    sets = bk.copies_of((packed, scale, mn), bk.n_copies(qbytes, 64))
+    res = {"triton": bk.time_calls(lambda p, s, m_: int4_matmul(x, p, s, m_, group_size=G), sets, reps=5)["kernel_s"]}
+    xc, aux = x_tiles_codes(x[0], k // G)
+    gsets = [(jnp.transpose(p, (1, 0, 2)), s.T, m_.T) for p, s, m_ in sets]
+    del sets
+    for probe in ("stream", "nomma", None):
+        fn = lambda p, st, mt: mgpu_gemv(xc, p, st, mt, aux=aux, group_major=True, probe=probe)  # noqa: E731
+        res[probe or "full"] = bk.time_calls(fn, gsets, reps=5)["kernel_s"]
+    out["probes_gate_up_us"] = {kk: v * 1e6 for kk, v in res.items()}
+    print("gate / up probes (us):", {kk: round(v * 1e6, 1) for kk, v in res.items()}, flush=True)
+
+
 def once():
     """One gate / up call of the best prototype form and one of the Triton GEMV (for ncu)."""
     from pallas_kernels.int4_matmul import int4_matmul
@@ -347,6 +382,13 @@ def once():
 def main():
     if "once" in sys.argv[1:]:
         return once()
+    if "probes" in sys.argv[1:]:
+        out = {"card": jax.devices()[0].device_kind}
+        probes(out)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "exp_mgpu_gemv_probes.json"), "w") as f:
+                json.dump(out, f, indent=1)
+        return
     gpu = "gpu" in sys.argv[1:]
     out = {"card": jax.devices()[0].device_kind}
     if gpu:
