@@ -144,6 +144,8 @@ def mgpu_gemv(xt, packed, scale_t, min_t, *, split_k=1, stages=4, aux=None, grou
                 plgpu.copy_gmem_to_smem(p_g.at[pl.ds(g, S), pl.ds(j * rows, rows)], p_s.at[slot], bars.at[slot])
             else:
                 plgpu.copy_gmem_to_smem(p_g.at[pl.ds(j * rows, rows), g], p_s.at[slot, 0], bars.at[slot])
+            if probe == "stream_w":  # the weight tiles alone
+                return
             plgpu.copy_gmem_to_smem(x_g.at[pl.ds(g, S)], x_s.at[slot], bars.at[slot])
             plgpu.copy_gmem_to_smem(s_g.at[pl.ds(g, S), pl.ds(j * rows, rows)], s_s.at[slot], bars.at[slot])
             plgpu.copy_gmem_to_smem(m_g.at[pl.ds(g, S), pl.ds(j * rows, rows)], m_s.at[slot], bars.at[slot])
@@ -239,7 +241,7 @@ def mgpu_gemv(xt, packed, scale_t, min_t, *, split_k=1, stages=4, aux=None, grou
                (plgpu.SMEM((2, rows, HALF), f16, transforms=tr(2 * HALF, 2)) if interpret
                 else plgpu.SMEM((1,), jnp.float32)),
                plgpu.SMEM((rows, NB), jnp.float32),
-               plgpu.Barrier(num_arrivals=4, num_barriers=stages)]
+               plgpu.Barrier(num_arrivals=1 if probe == "stream_w" else 4, num_barriers=stages)]
     if codes:
         scratch += [plgpu.SMEM((2, ng), jnp.float32), plgpu.Barrier(num_barriers=1)]
     params = None
@@ -358,9 +360,14 @@ def probes(out):
     xc, aux = x_tiles_codes(x[0], k // G)
     gsets = [(jnp.transpose(p, (1, 0, 2)), s.T, m_.T) for p, s, m_ in sets]
     del sets
-    for probe in ("stream", "nomma", None):
-        fn = lambda p, st, mt: mgpu_gemv(xc, p, st, mt, aux=aux, group_major=True, probe=probe)  # noqa: E731
-        res[probe or "full"] = bk.time_calls(fn, gsets, reps=5)["kernel_s"]
+    for probe, stages in (("stream", 4), ("nomma", 4), (None, 4), ("stream", 2), ("stream", 8), ("stream_w", 4),
+                          ("stream_w", 8), ("stream_w", 12)):
+        fn = lambda p, st, mt: mgpu_gemv(xc, p, st, mt, aux=aux, group_major=True, probe=probe,  # noqa: E731
+                                         stages=stages)
+        try:
+            res[f"{probe or 'full'}_st{stages}"] = bk.time_calls(fn, gsets, reps=5)["kernel_s"]
+        except Exception as e:  # noqa: BLE001
+            print(f"ERROR {probe} {stages}: {type(e).__name__}: {str(e)[:300]}")
     out["probes_gate_up_us"] = {kk: v * 1e6 for kk, v in res.items()}
     print("gate / up probes (us):", {kk: round(v * 1e6, 1) for kk, v in res.items()}, flush=True)
 
