@@ -135,12 +135,15 @@ def fused_epilogue(y, *, act=None, residual=None):
 
 
 def int4_fused_reference(x, packed, scale, minimum, *, group_size: int, norm_weight=None, norm_eps: float = 1e-6,
-                         residual=None, act=None):
+                         residual=None, act=None, rms_only: bool = False):
     """The fused forms of `int4_matmul` in plain jnp, float32 inside, x.dtype out:
       norm_weight: the input is rms_norm(x) * norm_weight (eps norm_eps) instead of x;
+      rms_only (norm_weight None): the input is rms_norm(x) without a weight (a weight folded into W);
       act="silu_mul": W's columns are gate | up, the output silu(gate) * up (N/2 columns);
       residual [M, N_out]: added to the output.
     """
+    if norm_weight is None and rms_only:
+        norm_weight = jnp.ones((x.shape[-1],), jnp.float32)
     xin, inv = (x.astype(jnp.float32), None) if norm_weight is None else fused_prologue_scale(x, norm_weight, norm_eps)
     y = int4_matmul_reference(xin, packed, scale, minimum, group_size=group_size)
     if inv is not None:
@@ -250,7 +253,7 @@ def _program_block(*, n, ng, block_n, gps, n_ragged):
 
 
 def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ragged, split_out, prefetch, asm,
-                 norm, paired, residual, fma16=None):
+                 norm, paired, residual, fma16=None, weighted=True):
     """One program: columns [j*block_n, +block_n) (masked past N), groups [s*gps, g_end).
 
     Fused forms (refs after x, packed, scale, min: the norm weight, then the residual):
@@ -269,10 +272,10 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
     feeds the sums (sum(x) for the offsets, sum(x**2) for the norm) in float32."""
     f32 = jnp.float32
     x_ref, p_ref, s_ref, mn_ref, *rest, o_ref = refs
-    g_ref = rest.pop(0) if norm is not None else None
+    g_ref = rest.pop(0) if norm is not None and weighted else None
     r_ref = rest.pop(0) if residual else None
     xw_ref = rest.pop(0) if fma16 is not None else None
-    gw_ref = rest.pop(0) if fma16 is not None and norm is not None else None
+    gw_ref = rest.pop(0) if fma16 is not None and norm is not None and weighted else None
     sk, g_begin, g_end, cmask, n0 = _program_block(n=n, ng=ng, block_n=block_n, gps=gps, n_ragged=n_ragged)
     col_sets = [pl.ds(n0, block_n)] + ([pl.ds(n0 + n, block_n)] if paired else [])
 
@@ -315,8 +318,9 @@ def _int4_kernel(*refs, m, n, ng, half, block_n, gpb, gps, steps, n_ragged, g_ra
         xs, sq, xws = [], [], []
         for r in range(m):
             v = [load_x(x_ref, r, c0) for c0 in (0, half)]
-            if gw is not None:
+            if norm is not None:
                 sq.append(v[0] * v[0] + v[1] * v[1])  # [gpb, G/2], for the norm's sum of squares
+            if gw is not None:
                 v = [v[0] * gw[0], v[1] * gw[1]]
             xs += v
             if xw_ref is not None:
@@ -522,12 +526,12 @@ def resolve_path(m: int, path: str, block_n, groups_per_step, n: int | None = No
 
 @functools.partial(jax.jit, static_argnames=("group_size", "block_n", "groups_per_step", "split_k", "num_warps",
                                              "num_stages", "prefetch", "path", "magic", "asm", "interpret",
-                                             "norm_eps", "act", "fma16"))
+                                             "norm_eps", "act", "fma16", "rms_only"))
 def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | None = None,
                 groups_per_step: int | None = None, split_k: int | None = None, num_warps: int = 4,
                 num_stages: int = 1, prefetch: bool | None = None, path: str = "auto", magic: bool = True,
                 asm: bool | None = None, interpret: bool = False, norm_weight=None, norm_eps: float = 1e-6,
-                residual=None, act: str | None = None, fma16: bool | None = None):
+                residual=None, act: str | None = None, fma16: bool | None = None, rms_only: bool = False):
     """Pallas INT4 matmul; same contract as `int4_matmul_reference` (returns x.dtype [M, N]),
     and with the fused forms of `int4_fused_reference` (norm_weight / act / residual).
 
@@ -552,6 +556,8 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     Fused forms (what a decoder layer needs around its GEMVs, so the draft step launches fewer
     small kernels): norm_weight [K] (RMSNorm of x first, eps norm_eps), act="silu_mul" (W's
     columns are gate | up; output silu(gate) * up, N/2 columns), residual [M, N_out] (added).
+    rms_only (norm_weight None): the RMSNorm without a weight, for W with the norm weight folded
+    into its rows; the kernel then neither loads nor applies a weight.
     The "reduce" kernel does them in-kernel (block_n defaults to half for "silu_mul": a program
     owns a gate and an up tile); the "dot" kernel and split-K partial sums finish in XLA.
     """
@@ -575,6 +581,11 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     n, ng, half = packed.shape
     if norm_weight is not None and tuple(norm_weight.shape) != (k,):
         raise Int4ShapeError(f"norm_weight must be [K] = [{k}], got shape {tuple(norm_weight.shape)}")
+    if rms_only and norm_weight is not None:
+        raise Int4ShapeError("rms_only is the norm without a weight: pass norm_weight=None with it")
+    if rms_only:  # the same kernel, without loading or applying a weight (it is folded into W)
+        if path == "dot":
+            norm_weight = jnp.ones((k,), x.dtype)
     if residual is not None and tuple(residual.shape) != (m, n_out):
         raise Int4ShapeError(f"residual must be [M, N_out] = {(m, n_out)}, got shape {tuple(residual.shape)}")
     if path == "dot" and (norm_weight is not None or paired or residual is not None):
@@ -624,8 +635,9 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
                                    steps=steps, n_ragged=n_out % block_n != 0, g_ragged=g_ragged,
                                    split_out=split_out, prefetch=prefetch,
                                    asm=(not interpret) if asm else None,
-                                   norm=None if norm_weight is None else (k, float(norm_eps)), paired=paired,
-                                   residual=residual is not None and not split_out, fma16=f16dt)
+                                   norm=None if norm_weight is None and not rms_only else (k, float(norm_eps)),
+                                   paired=paired, residual=residual is not None and not split_out, fma16=f16dt,
+                                   weighted=norm_weight is not None)
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out = pl.pallas_call(
         kernel,

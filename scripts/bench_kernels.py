@@ -358,8 +358,14 @@ def fused_ops(args):
                 qbytes = int(packed.size + 2 * scale.size + 2 * mn.size)
                 sets = copies_of((packed, scale, mn), n_copies(qbytes, args.max_copies))
                 kw = mm_kwargs(args)
-                for tag, fn in (("fused", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, **fk, **kw)),
-                                ("unfused", lambda p, s, mn_: _unfused(x, p, s, mn_, gw, res, act, g, kw))):
+                variants = [("fused", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, **fk, **kw)),
+                            ("unfused", lambda p, s, mn_: _unfused(x, p, s, mn_, gw, res, act, g, kw))]
+                if gw is not None:  # the norm weight folded into W: the kernel without it, and without a norm
+                    rk = dict(fk, norm_weight=None)
+                    variants += [("rms_only", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, rms_only=True,
+                                                                            **rk, **kw)),
+                                 ("no_norm", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, **rk, **kw))]
+                for tag, fn in variants:
                     r = time_calls(fn, sets, reps=args.reps)
                     rec[f"{tag}_s"], rec[f"{tag}_kernels"] = r["kernel_s"], r["kernels"]
                 rec["int4_bytes"] = qbytes

@@ -121,6 +121,36 @@ def test_int4_matmul_fused_forms_match_reference(m, k, n, g, dtype, kw, forms):
         assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)], (norm, act, res)
 
 
+@pytest.mark.parametrize("m,k,n,g,dtype,kw", [
+    (1, 512, 40, 128, jnp.bfloat16, dict()), (1, 1024, 64, 32, jnp.float32, dict(split_k=3)),
+    (4, 300, 130, 64, jnp.float32, dict()), (1, 640, 48, 64, jnp.bfloat16, dict(act="silu_mul", split_k=1))])
+def test_int4_matmul_rms_only_is_the_norm_with_a_folded_weight(m, k, n, g, dtype, kw):
+    """rms_only: the RMSNorm without a weight (the weight folded into W's rows). Against the
+    reference, which is the norm with a weight of ones, in the fma16, split-K and dot paths; and
+    W * g quantized with rms_only is close to W with the norm weight g."""
+    rng = np.random.default_rng(k + n + m)
+    act = kw.get("act")
+    w = jnp.asarray(rng.standard_normal((k, 2 * n if act else n)), jnp.float32)
+    gw = jnp.asarray(1 + 0.3 * rng.standard_normal(k), jnp.float32)
+    x = jnp.asarray(2.0 * rng.standard_normal((m, k)), dtype)
+    folded = quantize_rtn(gw[:, None] * w, g)
+    y = int4_matmul(x, folded.packed, folded.scale, folded.minimum, group_size=g, interpret=True, rms_only=True, **kw)
+    ref = highest(int4_fused_reference, x.astype(jnp.float32), folded.packed, folded.scale, folded.minimum,
+                  group_size=g, rms_only=True, act=act)
+    ones = highest(int4_fused_reference, x.astype(jnp.float32), folded.packed, folded.scale, folded.minimum,
+                   group_size=g, norm_weight=jnp.ones((k,), jnp.float32), act=act)
+    assert rel_fro(ref, ones) < 1e-6
+    assert rel_fro(y, ref) < TOL[jnp.dtype(dtype)]
+    qw = quantize_rtn(w, g)  # before the activation: two INT4 roundings of the same product (~0.1 each)
+    unfolded = highest(int4_fused_reference, x.astype(jnp.float32), qw.packed, qw.scale, qw.minimum, group_size=g,
+                       norm_weight=gw)
+    linear = highest(int4_fused_reference, x.astype(jnp.float32), folded.packed, folded.scale, folded.minimum,
+                     group_size=g, rms_only=True)
+    assert rel_fro(linear, unfolded) < 0.2
+    with pytest.raises(Int4ShapeError, match="rms_only"):
+        int4_matmul(x, folded.packed, folded.scale, folded.minimum, group_size=g, norm_weight=gw, rms_only=True)
+
+
 def test_int4_fused_reference_is_the_unfused_composition():
     from qspec_jax.model import rms_norm
 
