@@ -152,6 +152,9 @@ def main() -> int:
     ap.add_argument("--splits", default="", help="S,S,...: time mosaic_splits values instead of the table")
     ap.add_argument("--roles", default="1d,4v,8v",
                     help="with --splits: T and view (d draft, v verify), comma-separated")
+    ap.add_argument("--probe-unpack", action="store_true",
+                    help="with --splits: time again with the dequantization replaced by constants (wrong results: "
+                         "what the unpacking costs)")
     ap.add_argument("--json", default=os.path.join(os.environ["OUT"], "mgpu_attention.json") if os.environ.get("OUT")
                     else None)
     args = ap.parse_args()
@@ -166,6 +169,20 @@ def main() -> int:
     if args.splits:
         roles = [(int(x[:-1]), x[-1] == "v") for x in args.roles.split(",")]
         splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles)
+        if args.probe_unpack:  # the same calls with A constant: no unpacking (and no tile loads to feed it)
+            import jax.experimental.pallas.mosaic_gpu as plgpu
+
+            import pallas_kernels.mgpu_attention as ma
+
+            def no_unpack(x, lower, low, high, interpret):
+                one = plgpu.layout_cast(jnp.full(x.shape, 0.01, jnp.float16), ma.WGMMA)
+                return one, one
+            ma.dequant = no_unpack
+            jax.clear_caches()
+            n0 = len(out["splits"])
+            splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles)
+            for rec in out["splits"][n0:]:
+                rec["probe"] = "no_unpack"
     else:
         timings(out, contexts)
     if args.json:
