@@ -583,9 +583,8 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
         raise Int4ShapeError(f"norm_weight must be [K] = [{k}], got shape {tuple(norm_weight.shape)}")
     if rms_only and norm_weight is not None:
         raise Int4ShapeError("rms_only is the norm without a weight: pass norm_weight=None with it")
-    if rms_only:  # the same kernel, without loading or applying a weight (it is folded into W)
-        if path == "dot":
-            norm_weight = jnp.ones((k,), x.dtype)
+    if rms_only and path == "dot":  # XLA normalizes around the tensor-core kernel: with a weight of ones
+        norm_weight = jnp.ones((k,), x.dtype)
     if residual is not None and tuple(residual.shape) != (m, n_out):
         raise Int4ShapeError(f"residual must be [M, N_out] = {(m, n_out)}, got shape {tuple(residual.shape)}")
     if path == "dot" and (norm_weight is not None or paired or residual is not None):

@@ -77,19 +77,19 @@ _ASM8 = ("{ .reg .b32 v, w, a, b, k; prmt.b32 v, $2, 0x64, 0x4140; prmt.b32 w, $
          "fma.rn.f16x2 $0, $0, $4, $5; fma.rn.f16x2 $1, $1, $6, $7; }")
 
 
-def unpack_asm(shape, planes: int):
-    """Inline Mosaic GPU: int8 [rows, cols] plane tiles (the cache's bytes; `planes` of them) + the
-    low and the high channel's f16 scale / minimum in the same WGMMA layout -> (low, high) f16
-    code * scale + minimum."""
+def pair_asm(shape, asm: str, constraints: str, planes: int, n_args: int):
+    """Inline Mosaic GPU on register pairs: per register index, the 16-bit registers of `planes`
+    int8 [rows, cols] tiles (two bytes each, zero-extended) and the 32-bit registers of the
+    n_args - planes f16 arrays after them (same WGMMA layout) go into `asm`, which writes two
+    f16x2 registers: the (low, high) f16 results."""
     from jax.experimental import mosaic
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, llvm
 
     utils = mosaic.gpu.utils
     out = plgpu.ShapeDtypeStruct(shape, jnp.float16, layout=WGMMA)
-    asm, cons = (_ASM4, "=r,=r,r,r,r,r,r") if planes == 1 else (_ASM8, "=r,=r,r,r,r,r,r,r")
 
-    @plgpu.inline_mgpu(arg_types=(WGMMA,) * (planes + 4), return_type=(out, out))
+    @plgpu.inline_mgpu(arg_types=(WGMMA,) * n_args, return_type=(out, out))
     def unpack(ctx, *arrays):
         i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
         pair = ir.Type.parse("!llvm.struct<(i32, i32)>")
@@ -99,7 +99,7 @@ def unpack_asm(shape, planes: int):
         for idx in np.ndindex(*x.registers.shape):
             ins = [arith.extui(i32, utils.bitcast(a.registers[idx], i16)) for a in arrays[:planes]]
             ins += [utils.bitcast(a.registers[idx], i32) for a in arrays[planes:]]
-            res = llvm.inline_asm(pair, ins, asm, cons)
+            res = llvm.inline_asm(pair, ins, asm, constraints)
             lo[idx] = utils.bitcast(llvm.extractvalue(i32, res, [0]), out_ty)
             hi[idx] = utils.bitcast(llvm.extractvalue(i32, res, [1]), out_ty)
         mk = lambda regs: mosaic.gpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=None)  # noqa: E731
@@ -107,12 +107,21 @@ def unpack_asm(shape, planes: int):
     return unpack
 
 
-def dequant(x, lower, low, high, interpret: bool):
+def unpack_asm(shape, planes: int):
+    """Inline Mosaic GPU: int8 [rows, cols] plane tiles (the cache's bytes; `planes` of them) + the
+    low and the high channel's f16 scale / minimum in the same WGMMA layout -> (low, high) f16
+    code * scale + minimum."""
+    asm, cons = (_ASM4, "=r,=r,r,r,r,r,r") if planes == 1 else (_ASM8, "=r,=r,r,r,r,r,r,r")
+    return pair_asm(shape, asm, cons, planes, planes + 4)
+
+
+def dequant(x, lower, low, high, interpret: bool, stats_axis: int = 1):
     """int8 tile [rows, cols] (+ the lower plane's, or None) -> the (low, high) channel halves as
-    code * scale + minimum in f16; low / high = (scale, minimum) f16 [cols] (COL layout, broadcast
-    along the rows): the plane's own statistics for the 4-bit code, (s / 16, mn - s / 2) for the
-    INT8 code."""
-    bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, x.shape, [1]), WGMMA)  # noqa: E731
+    code * scale + minimum in f16; low / high = (scale, minimum) f16 vectors along x's axis
+    `stats_axis`, broadcast along the other (1: [cols] in COL layout, the cache's per-channel
+    statistics; 0: [rows] in ROW layout, a weight tile's per-row ones): the plane's own statistics
+    for the 4-bit code, (s / 16, mn - s / 2) for the INT8 code."""
+    bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, x.shape, [stats_axis]), WGMMA)  # noqa: E731
     if interpret:  # the same arithmetic in jnp (no inline PTX under the interpreter)
         return tuple(plgpu.layout_cast(_codes(x, lower, h).astype(jnp.float16) * bc(sc) + bc(mn), WGMMA)
                      for h, (sc, mn) in ((False, low), (True, high)))

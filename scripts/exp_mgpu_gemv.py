@@ -17,6 +17,7 @@ the B layout (`x_tiles`); a decoder would need both from their producers.
 
     PYTHONPATH=. python3 scripts/exp_mgpu_gemv.py            # CPU: interpret mode, small shapes
     PYTHONPATH=. python3 scripts/exp_mgpu_gemv.py gpu        # H100: checks, then timings vs Triton
+    PYTHONPATH=. python3 scripts/exp_mgpu_gemv.py probes     # H100: gate / up probes (what each part costs)
     ncu ... python3 scripts/exp_mgpu_gemv.py once            # one gate / up call of each (Nsight)
 
 Status (H100, 2026-11-27, docs/benchmarks.md session 13): correct (1.5e-5 codes, 1.9e-4 fma) and
@@ -41,7 +42,7 @@ from jax import lax
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from pallas_kernels.mgpu_attention import WGMMA, unpack_asm  # noqa: E402
+from pallas_kernels.mgpu_attention import WGMMA, dequant, pair_asm  # noqa: E402
 
 ROWS, G, HALF, NB = 128, 128, 64, 8
 ROW = WGMMA.reduce(1)  # a [rows] vector broadcast along the columns of [rows, cols]
@@ -55,27 +56,7 @@ _ASM_CODES = ("{ .reg .b32 t; prmt.b32 t, $2, 0, 0x4140; "
 
 def codes_asm(shape):
     """Inline Mosaic GPU: int8 [rows, cols] (WGMMA) -> (1024 + low nibble, 1024 + 16 * high nibble) f16."""
-    from jax.experimental import mosaic
-    from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, llvm
-
-    utils = mosaic.gpu.utils
-    out = plgpu.ShapeDtypeStruct(shape, jnp.float16, layout=WGMMA)
-
-    @plgpu.inline_mgpu(arg_types=(WGMMA,), return_type=(out, out))
-    def unpack(ctx, x):
-        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
-        pair = ir.Type.parse("!llvm.struct<(i32, i32)>")
-        out_ty = ir.VectorType.get((2,), ir.F16Type.get())
-        lo, hi = np.empty_like(x.registers), np.empty_like(x.registers)
-        for idx in np.ndindex(*x.registers.shape):
-            res = llvm.inline_asm(pair, [arith.extui(i32, utils.bitcast(x.registers[idx], i16))], _ASM_CODES,
-                                  "=r,=r,r")
-            lo[idx] = utils.bitcast(llvm.extractvalue(i32, res, [0]), out_ty)
-            hi[idx] = utils.bitcast(llvm.extractvalue(i32, res, [1]), out_ty)
-        mk = lambda regs: mosaic.gpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=None)  # noqa: E731
-        return mk(lo), mk(hi)
-    return unpack
+    return pair_asm(shape, _ASM_CODES, "=r,=r,r", 1, 1)
 
 
 def x_tiles_codes(x, ng):
@@ -92,17 +73,6 @@ def x_tiles(x, ng):
     """x [K] -> f16 [ng, 2, NB, 64]: group g's halves as row 0 of an [NB, 64] tile (B, K-major)."""
     xg = jnp.pad(x.astype(jnp.float16), (0, ng * G - x.shape[0])).reshape(ng, 2, 1, HALF)
     return jnp.pad(xg, ((0, 0), (0, 0), (0, NB - 1), (0, 0)))
-
-
-def dequant_rows(w, sc, mn, interpret):
-    """int8 [rows, 64] (WGMMA) + f16 [rows] scale / minimum (ROW) -> (low, high) f16 c * s + mn."""
-    bc = lambda v: plgpu.layout_cast(lax.broadcast_in_dim(v, w.shape, [0]), WGMMA)  # noqa: E731
-    if interpret:
-        u = w.astype(jnp.int32)
-        return tuple(plgpu.layout_cast(c.astype(jnp.float16) * bc(sc) + bc(mn), WGMMA)
-                     for c in (u & 0xF, (u >> 4) & 0xF))
-    hs = (sc.astype(jnp.float32) * (1.0 / 16)).astype(jnp.float16)
-    return unpack_asm(w.shape, 1)(w, bc(sc), bc(mn), bc(hs), bc(mn))
 
 
 def mgpu_gemv(xt, packed, scale_t, min_t, *, split_k=1, stages=4, aux=None, group_major=False, per_step=1,
@@ -207,7 +177,8 @@ def mgpu_gemv(xt, packed, scale_t, min_t, *, split_k=1, stages=4, aux=None, grou
             plgpu.barrier_wait(bars.at[slot])
             sc = plgpu.load(s_s.at[slot, 0], layout=ROW)
             mn = plgpu.load(m_s.at[slot, 0], layout=ROW)
-            lo, hi = dequant_rows(plgpu.layout_cast(p_s[slot, 0], WGMMA), sc, mn, interpret)
+            lo, hi = dequant(plgpu.layout_cast(p_s[slot, 0], WGMMA), None, (sc, mn), (sc, mn), interpret,
+                             stats_axis=0)  # the row's statistics for both nibbles
             if interpret:  # the interpreter's wgmma takes A from shared memory, one product per accumulator
                 def prod(a, h):
                     a_s[h] = a
@@ -298,6 +269,23 @@ def check(interpret, shapes):
     return worst
 
 
+def timing_inputs(rng, k, n):
+    """Random weights of one shape as the timers take them: x, rotating copies in the decoder's
+    layout (for the Triton GEMV) and group-major with transposed statistics (a layout, not timed),
+    and x as the codes form's B tiles and offsets."""
+    import bench_kernels as bk
+    packed, scale, mn = random_weights(rng, n, k)
+    qbytes = packed.size + 4 * scale.size
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+    sets = bk.copies_of((packed, scale, mn), bk.n_copies(qbytes, 64))
+    gsets = [(jnp.transpose(p, (1, 0, 2)), s.T, m_.T) for p, s, m_ in sets]
+    return x, qbytes, sets, gsets, x_tiles_codes(x[0], k // G)
+
+
+# the forms of the last timing run: (stages, groups per step, rows), group-major weights, codes
+TIMED_FORMS = ((4, 1, 128), (2, 2, 128), (4, 1, 64), (6, 1, 64), (4, 2, 64))
+
+
 def timings(out):
     import bench_kernels as bk
     from pallas_kernels.int4_matmul import int4_matmul
@@ -306,59 +294,40 @@ def timings(out):
     rng = np.random.default_rng(1)
     for name, k, n, splits in (("qkv", 4096, 6144, (2, 4)), ("o", 4096, 4096, (4, 8)),
                                ("gate_up", 4096, 28672, (1,)), ("down", 14336, 4096, (4, 8))):
-        packed, scale, mn = random_weights(rng, n, k)
-        qbytes = packed.size + 4 * scale.size
-        x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
-        sets = bk.copies_of((packed, scale, mn), bk.n_copies(qbytes, 64))
+        x, qbytes, sets, gsets, (xc, aux) = timing_inputs(rng, k, n)
         tri = bk.time_calls(lambda p, s, m_: int4_matmul(x, p, s, m_, group_size=G), sets, reps=5,
                             main_kernel=("int4",))
         row = dict(shape=name, k=k, n=n, mb=qbytes / 1e6, triton_us=tri["kernel_s"] * 1e6)
-        xt = x_tiles(x[0], k // G)
-        xc, aux = x_tiles_codes(x[0], k // G)
-        tsets = [(p, s.T, m_.T) for p, s, m_ in sets]  # the transposed statistics: a layout, not timed
-        gsets = [(jnp.transpose(p, (1, 0, 2)), st, mt) for p, st, mt in tsets]  # group-major weights
         for split in splits:
-            for variant, stages, ps, rw in (("gm_codes", 4, 1, 128), ("gm_codes", 2, 2, 128), ("gm_codes", 4, 1, 64),
-                                            ("gm_codes", 6, 1, 64), ("gm_codes", 4, 2, 64)):
+            for stages, ps, rw in TIMED_FORMS:
                 if (k // G // split) % ps:
                     continue
-                key = f"{variant}_s{split}_st{stages}_ps{ps}_r{rw}_us"
-                gm = variant.startswith("gm_")
+                key = f"gm_codes_s{split}_st{stages}_ps{ps}_r{rw}_us"
+                fn = lambda p, st, mt: mgpu_gemv(xc, p, st, mt, split_k=split, stages=stages, aux=aux,  # noqa: E731
+                                                 group_major=True, per_step=ps, rows=rw)
                 try:
-                    if variant.endswith("codes"):
-                        fn = lambda p, st, mt: mgpu_gemv(xc, p, st, mt, split_k=split, stages=stages, aux=aux,  # noqa: E731
-                                                         group_major=gm, per_step=ps, rows=rw)
-                    else:
-                        fn = lambda p, st, mt: mgpu_gemv(xt, p, st, mt, split_k=split, stages=stages,  # noqa: E731
-                                                         group_major=gm)
-                    row[key] = bk.time_calls(fn, gsets if gm else tsets, reps=5)["kernel_s"] * 1e6
+                    row[key] = bk.time_calls(fn, gsets, reps=5)["kernel_s"] * 1e6
                 except Exception as e:  # noqa: BLE001
                     row[key] = None
                     print(f"ERROR {name} {key}: {type(e).__name__}: {str(e)[:300]}")
         rows.append(row)
         print(row, flush=True)
-        del sets, tsets, gsets
+        del sets, gsets
     out["timings"] = rows
     for r in rows:
-        ms = [f"{k[:-3]} {v:.1f}" if v else f"{k[:-3]} -" for k, v in r.items() if k.endswith("_us") and k != "triton_us"]
+        ms = [f"{k[:-3]} {v:.1f}" if v else f"{k[:-3]} -" for k, v in r.items()
+              if k.endswith("_us") and k != "triton_us"]
         print(f"| {r['shape']} | {r['mb']:.1f} MB | Triton {r['triton_us']:.1f} | " + " | ".join(ms) + " |")
 
 
 def probes(out):
-    """gate / up: the TMA pipeline alone ("stream"), + the codes' unpacking without wgmma ("nomma"),
-    the whole kernel, and the Triton GEMV, in one run."""
+    """gate / up: the TMA pipeline alone ("stream", and "stream_w": the weight tiles only), + the
+    codes' unpacking without wgmma ("nomma"), the whole kernel, and the Triton GEMV, in one run."""
     import bench_kernels as bk
     from pallas_kernels.int4_matmul import int4_matmul
     bk.PROFILE = True
-    rng = np.random.default_rng(1)
-    k, n = 4096, 28672
-    packed, scale, mn = random_weights(rng, n, k)
-    x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
-    qbytes = packed.size + 4 * scale.size
-    sets = bk.copies_of((packed, scale, mn), bk.n_copies(qbytes, 64))
+    x, _, sets, gsets, (xc, aux) = timing_inputs(np.random.default_rng(1), 4096, 28672)
     res = {"triton": bk.time_calls(lambda p, s, m_: int4_matmul(x, p, s, m_, group_size=G), sets, reps=5)["kernel_s"]}
-    xc, aux = x_tiles_codes(x[0], k // G)
-    gsets = [(jnp.transpose(p, (1, 0, 2)), s.T, m_.T) for p, s, m_ in sets]
     del sets
     for probe, stages in (("stream", 4), ("nomma", 4), (None, 4), ("stream", 2), ("stream", 8), ("stream_w", 4),
                           ("stream_w", 8), ("stream_w", 12)):
