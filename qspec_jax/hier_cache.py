@@ -176,20 +176,27 @@ class HierCache:
     def _history_kernel(self, lc: HierLayer, t: int, num_heads: int, view: str, opts) -> str:
         """The kernel for the history and the buffer of a decode step on the Pallas path:
         ForwardOptions.draft_history (the draft's one-token steps) or target_history (the
-        target's steps and verify passes). The draft's "auto" is "mosaic" on an sm_90 GPU for the
-        shapes that kernel takes, else "triton"; the target's "auto" is "triton", which reads the
-        two planes faster (H100, session 12: verify T = 4 at 128K 105.8 us against Mosaic's
-        129.8; T = 8 159.9 against 163.8)."""
+        target's steps and verify passes). "auto" is "mosaic" on an sm_90 GPU for the shapes that
+        kernel takes, else "triton": for the draft's one-token steps, and for the target's verify
+        passes of more than 16 query rows per KV head (T * R: the kernel's 32-row tile) outside
+        the exact mode (its position-fixed splits are Triton's). Up to 16 rows the two tie, and
+        Triton stays (as in the one-token steps, so the target's rounding there is unchanged).
+        H100, session 14, verify pass in the decoder (R = 4): gamma 3 Mosaic 6.67 / 8.95 ms at
+        32K / 128K against Triton's 6.66 / 9.00; gamma 4 6.84 / 9.50 against 7.24 / 10.71."""
         draft = view == DRAFT
         choice = opts.draft_history if draft else opts.target_history
         if choice == "mosaic":
             return "mosaic"
-        if not draft or t != 1 or choice == "triton" or opts.interpret or not _sm90():
+        if choice == "triton" or opts.interpret or not _sm90():
+            return "triton"
+        r = num_heads // lc.k_upper.shape[1]
+        if (t != 1) if draft else (t * r <= 16 or opts.fixed_rows):
             return "triton"
         from pallas_kernels.mgpu_attention import supports_layer
 
+        lower = {} if draft else {"k_lower": lc.k_lower, "v_lower": lc.v_lower}
         fits = supports_layer(lc.k_upper, lc.k_scale, lc.k_min, lc.v_upper, lc.v_scale, lc.v_min, lc.buf_k, lc.buf_v,
-                              self.group_size)
+                              self.group_size, tokens=t, q_per_token=r, **lower)
         return "mosaic" if fits else "triton"
 
     def _read(self, lc: HierLayer, q, positions, bs, *, use_lower, opts, q_rows=None, history=None, l2_prefetch=()):

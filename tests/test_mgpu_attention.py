@@ -221,6 +221,32 @@ def test_forward_options_history_kernels_are_checked():
         ForwardOptions(l2_prefetch=-1)
 
 
+def test_auto_history_picks_mosaic_where_it_applies(monkeypatch):
+    """ForwardOptions' "auto" on an sm_90 GPU: Mosaic for the draft's one-token steps and for the
+    target's verify passes of 16 < T * R <= 32 query rows outside the exact mode; Triton otherwise."""
+    from qspec_jax import hier_cache
+    from qspec_jax.config import LlamaConfig
+    from qspec_jax.model import ForwardOptions
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=512, intermediate_size=64, num_layers=1, num_heads=16,
+                      num_kv_heads=4, head_dim=128)
+    cache = hier_cache.init_hier_cache(cfg, 1, 2 * G, spec_room=9)
+    lc, auto = cache.layers[0], ForwardOptions()
+    pick = lambda t, view, opts=auto: cache._history_kernel(lc, t, cfg.num_heads, view, opts)  # noqa: E731
+    assert pick(1, hier_cache.DRAFT) == pick(4, hier_cache.TARGET) == "triton"  # (no sm_90 GPU here)
+    monkeypatch.setattr(hier_cache, "_sm90", lambda: True)
+    assert pick(1, hier_cache.DRAFT) == "mosaic"
+    assert pick(4, hier_cache.DRAFT) == "triton"  # the draft's kernel is for one-token steps
+    assert pick(5, hier_cache.TARGET) == pick(8, hier_cache.TARGET) == "mosaic"  # 20 and 32 query rows
+    assert pick(4, hier_cache.TARGET) == pick(2, hier_cache.TARGET) == "triton"  # <= 16 rows: a tie, Triton
+    assert pick(9, hier_cache.TARGET) == "triton"  # 36 rows: past the kernel's 32
+    assert pick(1, hier_cache.TARGET) == "triton"  # the target's one-token steps
+    assert pick(8, hier_cache.TARGET, ForwardOptions(fixed_rows=8)) == "triton"  # the exact mode
+    assert pick(8, hier_cache.TARGET, ForwardOptions(target_history="triton")) == "triton"
+    assert pick(8, hier_cache.TARGET, ForwardOptions(interpret=True)) == "triton"
+    assert pick(1, hier_cache.TARGET, ForwardOptions(target_history="mosaic")) == "mosaic"
+
+
 def test_qkv_to_cache_writes_the_mosaic_query_layout():
     """qkv_to_cache(q_layout="mosaic") against its reference: the same roped, scaled queries as
     the rows layout, in f16 channel halves, and the same buffer writes."""
