@@ -248,6 +248,7 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
     if num_splits < 1 or stages < 1 or (buffer is not None and num_splits < 2):
         raise MosaicAttentionError(f"num_splits and stages must be >= 1 (2 with a buffer), got {num_splits}, {stages}")
     buffered, int8 = buffer is not None, k_lower is not None
+    shared_buffer = buffered and int8  # the buffer part's tiles in the stage buffers' space (scratch below)
     if buffered:
         buf_k, buf_v, buf_start, positions = buffer
         bdt, sb = buf_k.dtype, buf_k.shape[2]
@@ -277,7 +278,7 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
         bk_g, bv_g = (next(it) for _ in range(2)) if buffered else (None,) * 2
         pf_g = [next(it) for _ in pf_boxes]
         o_g, m_g, l_g, sc_s, q_s, pv_s, ak_s, av_s, o_s, m_s, l_s, bar = (next(it) for _ in range(12))
-        own_buffer = [next(it) for _ in range(3)] if buffered and not int8 else None  # (unscoped: the draft's)
+        own_buffer = [next(it) for _ in range(3)] if buffered and not shared_buffer else None
         bh, sp = lax.axis_index("bh"), lax.axis_index("sp")
         bi, hi = bh // kvh, bh % kvh
         plgpu.copy_gmem_to_smem(sc_g, sc_s, bar.at[0])
@@ -395,8 +396,8 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
             for k in range(-(-boxes // nprog)):
                 j = pid + k * nprog
                 pl.when(j < boxes)(lambda ref=ref, j=j: plgpu.async_prefetch(ref.at[pl.ds(j * 256, 256)]))
-        def buffer_part(carry, kbuf_s, vbuf_s, bbar):  # the last program: the slots any token sees, [lo, end),
-            # 64 per step
+
+        def buffer_part(carry, kbuf_s, vbuf_s, bbar):  # the last program: the slots any token sees, [lo, end)
             bst = sc_s[0, bi]
             lo, end = qmin - bst, pmax - bst + 1
             nb = jnp.where(sp == hs, (end - lo + TB - 1) // TB, 0)
@@ -448,9 +449,9 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
 
             return lax.fori_loop(0, nb, bloop, carry)
 
-        if buffered and own_buffer:
+        if own_buffer:
             carry = buffer_part(carry, *own_buffer)
-        elif buffered:  # (every warp past the history's shared-memory reads before TMA refills that space)
+        elif shared_buffer:  # (every warp past the history's shared-memory reads before TMA refills that space)
             plgpu.commit_smem()
             carry = pl.run_scoped(functools.partial(buffer_part, carry), *buffer_scratch, collective_axes="wg")
         acc_lo, acc_hi, m, l = carry
@@ -485,7 +486,7 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
     buffer_scratch = [plgpu.SMEM((2, TB, half), bdt, transforms=tr(128, 2)),
                       plgpu.SMEM((2, TB, half), bdt, transforms=tr(128, 2)),
                       plgpu.Barrier(num_barriers=4)] if buffered else []
-    if not int8:
+    if not shared_buffer:
         scratch += buffer_scratch
     params = None
     if interpret:
