@@ -3,9 +3,9 @@ one-token steps (upper planes) and the target's verify pass (both planes, gamma 
 
 The decoder's Pallas path on sm_90 GPUs (`hier_attention(history="mosaic")`, chosen by
 `ForwardOptions.draft_history` / `target_history`; `merge_partials` combines the
-partials). H100 (docs/benchmarks.md, sessions 11-12): the draft's history at 20.8 / 38.6 / 70.6 us
-at 32K / 64K / 128K (Llama-3.1-8B shape) against the Triton `hier_attention`'s 28.4 / 50.6 / 88.7
-(with its buffer and merge).
+partials). H100 (docs/benchmarks.md, session 15): the draft's attention with its buffer and merge
+at 21.3 / 34.9 / 61.0 us at 32K / 64K / 128K (Llama-3.1-8B shape; session 12's Triton
+`hier_attention`: 28.4 / 50.6 / 88.7), 2.34 TB/s of planes and statistics at 128K.
 
 Per program (row * KV head, split), one warpgroup, over 128-token steps fed by a TMA pipeline:
 - keys: the planes are dequantized in registers to c * scale + minimum ([tokens, D/2] f16 per
@@ -61,13 +61,13 @@ def _codes(x, lower, high: bool):
     return (u & 0xF0) | ((lo >> 4) & 0xF) if high else ((u & 0xF) << 4) | (lo & 0xF)
 
 
-# Draft (one plane): one prmt spreads a register's two bytes to [b0, 0, b1, 0]; each nibble then
-# takes one lop3 ((t & mask) | 0x6400: f16 1024 + c for the low nibble, 1024 + 16 c for the high
-# one, exact), one sub of 1024 and one fma: 7 instructions per 4 elements instead of 9 one nibble
-# at a time (H100: 75.3 -> 70.6 us at 128K). The high nibble's scale comes divided by 16 (exact).
-_ASM4 = ("{ .reg .b32 t, k; prmt.b32 t, $2, 0, 0x4140; mov.b32 k, 0x64006400; "
-         "lop3.b32 $0, t, 0x000F000F, k, 0xEA; lop3.b32 $1, t, 0x00F000F0, k, 0xEA; "
-         "sub.f16x2 $0, $0, k; sub.f16x2 $1, $1, k; "
+# Draft (one plane): one prmt spreads a register's two bytes to [b0, 0, b1, 0] and one shl moves
+# the low nibbles up to the high nibbles' place; each nibble then takes one lop3 ((t & 0xF0) |
+# 0x5400: f16 64 + c, exact) and one fma with the minimum given as mn - 64 s: 6 instructions per 4
+# elements (session 12's form, with the low nibble at bits 0-3 as 1024 + c, needed a sub of 1024
+# for each: 7). The offset 64 s rounds to <= 1/32 of a step in f16; 1024 s would round to half.
+_ASM4 = ("{ .reg .b32 t, u, k; prmt.b32 t, $2, 0, 0x4140; shl.b32 u, t, 4; mov.b32 k, 0x54005400; "
+         "lop3.b32 $0, u, 0x00F000F0, k, 0xEA; lop3.b32 $1, t, 0x00F000F0, k, 0xEA; "
          "fma.rn.f16x2 $0, $0, $3, $4; fma.rn.f16x2 $1, $1, $5, $6; }")
 # Target (both planes): v = [U0, 0x64, U1, 0x64], w = [L0, 0x64, L1, 0x64]; the high channel's
 # code (U & 0xF0) | (L >> 4) and the low one's (U << 4 & 0xF0) | (L & 0xF) each come out of one
@@ -127,16 +127,18 @@ def dequant(x, lower, low, high, interpret: bool, stats_axis: int = 1):
     if interpret:  # the same arithmetic in jnp (no inline PTX under the interpreter)
         return tuple(plgpu.layout_cast(_codes(x, lower, h).astype(jnp.float16) * bc(sc) + bc(mn), WGMMA)
                      for h, (sc, mn) in ((False, low), (True, high)))
-    hs = high[0] if lower is not None else (high[0].astype(jnp.float32) * (1.0 / 16)).astype(jnp.float16)
+    if lower is None:  # the codes come as f16 64 + c: (s, mn - 64 s) (f16x2 arithmetic: 64 s exact, one rounding)
+        low, high = ((st[0], st[1] - st[0] * jnp.float16(64)) for st in (low, high))
     planes = [plgpu.layout_cast(x, WGMMA)] + ([] if lower is None else [plgpu.layout_cast(lower, WGMMA)])
-    return unpack_asm(x.shape, len(planes))(*planes, bc(low[0]), bc(low[1]), bc(hs), bc(high[1]))
+    return unpack_asm(x.shape, len(planes))(*planes, bc(low[0]), bc(low[1]), bc(high[0]), bc(high[1]))
 
 
 def int8_stats(scale, minimum):
     """A group's f16 (s, mn) -> the INT8 code's (s / 16, mn - s / 2) in f16 (kv_quant: X8 =
     (16 U + L) * s / 16 + mn - s / 2)."""
-    s32 = scale.astype(jnp.float32)
-    return (s32 * (1.0 / 16)).astype(jnp.float16), (minimum.astype(jnp.float32) - 0.5 * s32).astype(jnp.float16)
+    # in f16x2 arithmetic: s / 16 and s / 2 are exact and the difference rounds once, as through f32
+    # (bit-identical), in a quarter of the instructions (H100: verify T = 8 at 128K 123 -> 117 us)
+    return scale * jnp.float16(1 / 16), minimum - scale * jnp.float16(0.5)
 
 
 def row_tile(rows: int) -> int:
@@ -249,6 +251,10 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
         raise MosaicAttentionError(f"num_splits and stages must be >= 1 (2 with a buffer), got {num_splits}, {stages}")
     buffered, int8 = buffer is not None, k_lower is not None
     shared_buffer = buffered and int8  # the buffer part's tiles in the stage buffers' space (scratch below)
+    # the draft sums p per element and reduces across the warps once, after the history: two
+    # warpgroup barriers fewer per step (H100: 23.5 -> 21.9 us at 32K, 70.3 -> 64.7 at 128K; the
+    # target's view, whose registers are fuller, gains nothing: verify T = 8 41.4 -> 42.4 us at 32K)
+    lazy = not int8
     if buffered:
         buf_k, buf_v, buf_start, positions = buffer
         bdt, sb = buf_k.dtype, buf_k.shape[2]
@@ -328,27 +334,40 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
             if int8:
                 kst = [int8_stats(*st) for st in kst]
             keys = dequant(ku_s[...], tiles[6][...] if int8 else None, *kst, interpret)  # [tokens, 64] each
+
+            def values():
+                vst = (plgpu.load(vs_s, layout=COL), plgpu.load(vm_s, layout=COL))  # [tokens]: one per token
+                if int8:
+                    vst = int8_stats(*vst)
+                return dequant(vu_s[0], tiles[7][0] if int8 else None, vst, vst, interpret)  # [64, tokens] each
+            vals = None
             if interpret:
                 s = sum(product(a_operand(keys[nib], ak_s.at[nib]), q_s.at[nib].T, (g, n)) for nib in range(2))
             else:  # both channel halves into one accumulator
                 def scores(acc_ref):
                     plgpu.wgmma(acc_ref, keys[0], q_s.at[0].T)
                     plgpu.wgmma(acc_ref, keys[1], q_s.at[1].T)
+                    # the draft's values unpacked while the tensor cores run (H100, with the other two
+                    # session-15 changes: 22.5 -> 21.3 us at 32K, 66.9 -> 61.2 at 128K); not the target's
+                    # view, whose two planes' registers then spill (verify T = 8 at 128K 123 -> 175 us)
+                    v = None if int8 else values()
                     plgpu.wgmma_wait(0)
-                    return acc_ref[...]
-                s = plgpu.layout_cast(pl.run_scoped(scores, plgpu.ACC((g, n), jnp.float32)), WGMMA)
+                    return acc_ref[...], v
+                s, vals = pl.run_scoped(scores, plgpu.ACC((g, n), jnp.float32))
+                s = plgpu.layout_cast(s, WGMMA)
             if t > 1:  # a token's columns stop at its own prefix (only the last group can differ)
                 s = jnp.where(tok_iota(g) < bcast(qlen_col - grp * g, g), s, MASKED)
             m_new = plgpu.layout_cast(jnp.maximum(m, jnp.max(s, axis=0)), COL)
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - bcast(m_new, g))
-            l = l * alpha + jnp.sum(p, axis=0)
+            if lazy:  # the draft: l per element, reduced across the warps once, after the loop
+                l = l * bcast(alpha, g) + p
+            else:
+                l = l * alpha + jnp.sum(p, axis=0)
             pv_s[...] = p.astype(cdt)
             plgpu.commit_smem()
-            vst = (plgpu.load(vs_s, layout=COL), plgpu.load(vm_s, layout=COL))  # [tokens]: one per token
-            if int8:
-                vst = int8_stats(*vst)
-            vals = dequant(vu_s[0], tiles[7][0] if int8 else None, vst, vst, interpret)  # [64, tokens] each
+            if vals is None:
+                vals = values()
             scale = bcast(alpha, half)
             acc_lo, acc_hi = acc_lo * scale, acc_hi * scale
             if interpret:
@@ -362,8 +381,9 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
             return acc_lo, acc_hi, m_new, l
 
         z = plgpu.layout_cast(jnp.zeros((half, n), jnp.float32), WGMMA)
-        init = (z, z, plgpu.layout_cast(jnp.full((n,), -1e30, jnp.float32), COL),
-                plgpu.layout_cast(jnp.zeros((n,), jnp.float32), COL))
+        l0 = (plgpu.layout_cast(jnp.zeros((g, n), jnp.float32), WGMMA) if lazy
+              else plgpu.layout_cast(jnp.zeros((n,), jnp.float32), COL))
+        init = (z, z, plgpu.layout_cast(jnp.full((n,), -1e30, jnp.float32), COL), l0)
 
         def history(*stage):  # the stage buffers, scoped: the buffer part reuses their shared memory
             bufs, bars = list(stage[:-1]), stage[-1]  # ku, ks, km, vu, vs, vm (+ kl, vl); the barriers
@@ -388,7 +408,10 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
                 pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
                 return carry
 
-            return lax.fori_loop(0, steps, loop, init)
+            carry = lax.fori_loop(0, steps, loop, init)
+            if lazy:
+                carry = (*carry[:3], plgpu.layout_cast(jnp.sum(carry[3], axis=0), COL))
+            return carry
 
         carry = pl.run_scoped(history, *stage_scratch, collective_axes="wg")
         pid = bh * num_splits + sp

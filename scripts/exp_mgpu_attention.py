@@ -4,6 +4,8 @@ dequantize-then-attend, the reference and the Triton `hier_attention`, one run o
 
     PYTHONPATH=. python3 scripts/exp_mgpu_attention.py [--contexts 32768,65536,131072] [--json PATH]
     PYTHONPATH=. python3 scripts/exp_mgpu_attention.py --once   # two calls at 32K (for ncu)
+    PYTHONPATH=. python3 scripts/exp_mgpu_attention.py --skip-checks --contexts 32768,131072 --splits 17,33 \
+        --stages 2,3 --roles 1d   # a sweep of the history programs and the pipeline depth
 
 Prints, then writes JSON (--json, default $OUT/mgpu_attention.json when $OUT is set):
 - the partials' error against dequantize-then-attend (draft view: upper planes; target view: the
@@ -119,18 +121,30 @@ def timings(out: dict, contexts) -> None:
               f"{rec['mosaic'].get('tb_s', 0):.2f} | {xs * 1e6:.1f} | {xs / mo:.2f}x | {xs / tr:.2f}x |")
 
 
-def splits_sweep(out: dict, contexts, splits, roles) -> None:
-    """hier_attention(history="mosaic") with mosaic_splits in `splits` (history programs + the buffer's)."""
+def splits_sweep(out: dict, contexts, splits, roles, stages=(None,)) -> None:
+    """hier_attention(history="mosaic") with mosaic_splits in `splits` (history programs + the buffer's)
+    and the kernel's pipeline depth in `stages` (None: attention_partials' default)."""
+    import functools
+
     import bench_kernels as bk
+
+    import pallas_kernels.mgpu_attention as ma
     bk.PROFILE = True
     targs = argparse.Namespace(reps=5, max_copies=32)
-    for ctx in contexts:
-        for t, lower in roles:
-            for sp in splits:
-                r = bk.time_attention(targs, ctx, t, lower, {"history": "mosaic", "mosaic_splits": sp}, xla=False)
-                out.setdefault("splits", []).append(dict(ctx=ctx, t=t, lower=lower, splits=sp, time_s=r.get("time_s")))
-                us = r.get("time_s", float("nan")) * 1e6
-                print(f"splits ctx {ctx} T={t} lower={lower} mosaic_splits={sp}: {us:.1f} us", flush=True)
+    kernel = ma.attention_partials
+    for st in stages:  # (hier_attention looks the kernel up in the module at each call)
+        ma.attention_partials = kernel if st is None else functools.partial(kernel, stages=st)
+        jax.clear_caches()
+        for ctx in contexts:
+            for t, lower in roles:
+                for sp in splits:
+                    r = bk.time_attention(targs, ctx, t, lower, {"history": "mosaic", "mosaic_splits": sp}, xla=False)
+                    out.setdefault("splits", []).append(dict(ctx=ctx, t=t, lower=lower, splits=sp, stages=st,
+                                                             time_s=r.get("time_s")))
+                    us = r.get("time_s", float("nan")) * 1e6
+                    print(f"splits ctx {ctx} T={t} lower={lower} mosaic_splits={sp} stages={st}: {us:.1f} us",
+                          flush=True)
+    ma.attention_partials = kernel
 
 
 def run_once(ctx: int = 32768) -> None:
@@ -152,6 +166,7 @@ def main() -> int:
     ap.add_argument("--splits", default="", help="S,S,...: time mosaic_splits values instead of the table")
     ap.add_argument("--roles", default="1d,4v,8v",
                     help="with --splits: T and view (d draft, v verify), comma-separated")
+    ap.add_argument("--stages", default="", help="with --splits: S,S,...: the pipeline depths to time")
     ap.add_argument("--probe-unpack", action="store_true",
                     help="with --splits: time again with the dequantization replaced by constants (wrong results: "
                          "what the unpacking costs)")
@@ -168,7 +183,8 @@ def main() -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.splits:
         roles = [(int(x[:-1]), x[-1] == "v") for x in args.roles.split(",")]
-        splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles)
+        stages = [int(v) for v in args.stages.split(",")] if args.stages else [None]
+        splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles, stages)
         if args.probe_unpack:  # the same calls with A constant: no unpacking (and no tile loads to feed it)
             import jax.experimental.pallas.mosaic_gpu as plgpu
 
