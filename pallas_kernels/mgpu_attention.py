@@ -4,8 +4,8 @@ one-token steps (upper planes) and the target's verify pass (both planes, gamma 
 The decoder's Pallas path on sm_90 GPUs (`hier_attention(history="mosaic")`, chosen by
 `ForwardOptions.draft_history` / `target_history`; `merge_partials` combines the
 partials). H100 (docs/benchmarks.md, session 15): the draft's attention with its buffer and merge
-at 21.3 / 34.9 / 61.0 us at 32K / 64K / 128K (Llama-3.1-8B shape; session 12's Triton
-`hier_attention`: 28.4 / 50.6 / 88.7), 2.34 TB/s of planes and statistics at 128K.
+at 20.7 / 60.2 us at 32K / 128K (Llama-3.1-8B shape; session 12's Triton `hier_attention`: 28.4 /
+88.7), 2.37 TB/s of planes and statistics at 128K; the target's, T = 4, 34.0 / 103.7 us.
 
 Per program (row * KV head, split), one warpgroup, over 128-token steps fed by a TMA pipeline:
 - keys: the planes are dequantized in registers to c * scale + minimum ([tokens, D/2] f16 per
@@ -20,8 +20,8 @@ Per program (row * KV head, split), one warpgroup, over 128-token steps fed by a
 
 Query rows (wgmma's N = 16 or 32): column t * R + r is query head r of new token t. The split of
 the history follows each row's quantized prefix (the largest over its tokens), so a short row
-reads only its own groups: chunk = ceil(groups / splits) groups per program; empty programs write
-m = -1e30, l = 0, o = 0. With several tokens, a token's columns mask the history past its own
+reads only its own groups, dealt round-robin (program p takes groups p, p + splits, ...: the first
+are fetched before the lengths arrive); empty programs write m = -1e30, l = 0, o = 0. With several tokens, a token's columns mask the history past its own
 prefix (only the last group can differ) and the buffer slots outside [its prefix, its position].
 
 `interpret=True` runs Mosaic GPU's interpreter on the CPU (tests): it has no rule for inline
@@ -289,15 +289,16 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
         bi, hi = bh // kvh, bh % kvh
         plgpu.copy_gmem_to_smem(sc_g, sc_s, bar.at[0])
         plgpu.copy_gmem_to_smem(q_g.at[bi, hi], q_s, bar.at[1])
-        plgpu.barrier_wait(bar.at[0])
-        plgpu.barrier_wait(bar.at[1])
-        # scalars: row 0 buf_start, rows 1..T the tokens' prefixes, rows T+1..2T their positions
-        qlens = [sc_s[1 + j, bi] for j in range(t)]
-        poss = [sc_s[1 + t + j, bi] for j in range(t)]
-        qmax, qmin, pmax = qlens[0], qlens[0], poss[0]
-        for j in range(1, t):
-            qmax, qmin, pmax = jnp.maximum(qmax, qlens[j]), jnp.minimum(qmin, qlens[j]), jnp.maximum(pmax, poss[j])
-        if t > 1:  # each column's token: its prefix and position as [N] vectors
+
+        def scalars():  # (once their copy is waited for) row 0 buf_start, rows 1..T the tokens'
+            # prefixes, rows T+1..2T their positions -> qmax, qmin, pmax and (T > 1) per column [N]
+            qlens = [sc_s[1 + j, bi] for j in range(t)]
+            poss = [sc_s[1 + t + j, bi] for j in range(t)]
+            qmax, qmin, pmax = qlens[0], qlens[0], poss[0]
+            for j in range(1, t):
+                qmax, qmin, pmax = jnp.maximum(qmax, qlens[j]), jnp.minimum(qmin, qlens[j]), jnp.maximum(pmax, poss[j])
+            if t == 1:
+                return qmax, qmin, pmax, None, None
             tok_of = plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=COL) // q_per_token
 
             def per_col(vals):
@@ -305,11 +306,7 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
                 for j, x in enumerate(vals):
                     v = jnp.where(tok_of == j, x, v)
                 return plgpu.layout_cast(v, COL)
-            qlen_col, pos_col = per_col(qlens), per_col(poss)
-        groups = qmax // g
-        chunk = (groups + hs - 1) // hs
-        g0 = sp * chunk
-        steps = jnp.where(sp < hs, jnp.clip(groups - g0, 0, chunk), 0)
+            return qmax, qmin, pmax, per_col(qlens), per_col(poss)
         tok_iota = lambda rows: plgpu.broadcasted_iota(jnp.int32, (rows, n), 0, layout=WGMMA)  # noqa: E731
         bcast = lambda v, rows: lax.broadcast_in_dim(v, (rows, n), [1])  # noqa: E731
 
@@ -327,7 +324,7 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
                 return acc_ref[...]
             return plgpu.layout_cast(pl.run_scoped(mm, plgpu.ACC(shape, jnp.float32)), WGMMA)
 
-        def step(grp, tiles, carry):
+        def step(grp, tiles, carry, qlen_col):
             ku_s, ks_s, km_s, vu_s, vs_s, vm_s = tiles[:6]
             acc_lo, acc_hi, m, l = carry
             kst = [[plgpu.load(r.at[0, pl.ds(nib * half, half)], layout=COL) for r in (ks_s, km_s)] for nib in range(2)]
@@ -391,24 +388,35 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
             if int8:
                 srcs += [kl_g.at[bi, hi], vl_g]
 
-            def fetch(j, slot):  # group g0 + j into the stage `slot`
-                grp = g0 + j
+            def fetch(j, slot):  # the program's j-th group, sp + j * hs, into the stage `slot`
+                grp = sp + j * hs
                 idx = [pl.ds(grp * g, g), pl.ds(grp, 1), pl.ds(grp, 1), pl.ds(bh * nt + grp, 1), pl.ds(grp * g, g),
                        pl.ds(grp * g, g)] + [pl.ds(grp * g, g), pl.ds(bh * nt + grp, 1)][:2 * int8]
                 for src, buf, ix in zip(srcs, bufs, idx):
                     plgpu.copy_gmem_to_smem(src.at[ix], buf.at[slot], bars.at[slot])
 
+            # The groups are dealt round-robin (program sp takes sp, sp + hs, ...), so the first
+            # ones are known before the scalars arrive: their copies go out with the scalars' and
+            # q's (one memory latency before the first step instead of two). Those of a program
+            # with fewer groups than that (a short row) are waited for unused below.
+            early = [(sp < hs) & (sp + j * hs < nt) for j in range(stages)]
             for j in range(stages):
-                pl.when(j < steps)(lambda j=j: fetch(j, j))
+                pl.when(early[j])(lambda j=j: fetch(j, j))
+            plgpu.barrier_wait(bar.at[0])
+            plgpu.barrier_wait(bar.at[1])
+            qmax, _, _, qlen_col, _ = scalars()
+            steps = jnp.where(sp < hs, jnp.maximum(qmax // g - sp + hs - 1, 0) // hs, 0)
 
             def loop(i, carry):
                 slot = i % stages
                 plgpu.barrier_wait(bars.at[slot])
-                carry = step(g0 + i, [buf.at[slot] for buf in bufs], carry)
+                carry = step(sp + i * hs, [buf.at[slot] for buf in bufs], carry, qlen_col)
                 pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
                 return carry
 
             carry = lax.fori_loop(0, steps, loop, init)
+            for j in range(stages):  # (no copy may land in this space after the scope)
+                pl.when(early[j] & (j >= steps))(lambda j=j: plgpu.barrier_wait(bars.at[j]))
             if lazy:
                 carry = (*carry[:3], plgpu.layout_cast(jnp.sum(carry[3], axis=0), COL))
             return carry
@@ -421,6 +429,7 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
                 pl.when(j < boxes)(lambda ref=ref, j=j: plgpu.async_prefetch(ref.at[pl.ds(j * 256, 256)]))
 
         def buffer_part(carry, kbuf_s, vbuf_s, bbar):  # the last program: the slots any token sees, [lo, end)
+            _, qmin, pmax, qlen_col, pos_col = scalars()
             bst = sc_s[0, bi]
             lo, end = qmin - bst, pmax - bst + 1
             nb = jnp.where(sp == hs, (end - lo + TB - 1) // TB, 0)

@@ -177,12 +177,14 @@ class HierCache:
         """The kernel for the history and the buffer of a decode step on the Pallas path:
         ForwardOptions.draft_history (the draft's one-token steps) or target_history (the
         target's steps and verify passes). "auto" is "mosaic" on an sm_90 GPU for the shapes that
-        kernel takes, else "triton": for the draft's one-token steps, and for the target's verify
-        passes of more than 16 query rows per KV head (T * R: the kernel's 32-row tile) outside
-        the exact mode (its position-fixed splits are Triton's). Up to 16 rows the two tie, and
-        Triton stays (as in the one-token steps, so the target's rounding there is unchanged).
-        H100, session 14, verify pass in the decoder (R = 4): gamma 3 Mosaic 6.67 / 8.95 ms at
-        32K / 128K against Triton's 6.66 / 9.00; gamma 4 6.84 / 9.50 against 7.24 / 10.71."""
+        kernel takes (T * R <= 32 query rows per KV head), else "triton": for the draft's
+        one-token steps, and for all the target's passes outside the exact mode (its
+        position-fixed splits are Triton's). H100, session 15: the target's attention 33.7 against
+        35.9 us (T = 1) and 34.0 against 36.8 (T = 4) at 32K; verify pass in the decoder, gamma 3,
+        6.56 / 6.59 against 6.65 / 6.62 ms at 32K. With the target's one-token steps and its verify
+        passes in one kernel, whose groups go to the same programs whatever T, greedy speculation
+        parts from greedy decoding later at near-ties (gamma 1: 2 of 4 rows identical over 600
+        tokens against 0 of 4 with Triton's one-token steps)."""
         draft = view == DRAFT
         choice = opts.draft_history if draft else opts.target_history
         if choice == "mosaic":
@@ -190,7 +192,7 @@ class HierCache:
         if choice == "triton" or opts.interpret or not _sm90():
             return "triton"
         r = num_heads // lc.k_upper.shape[1]
-        if (t != 1) if draft else (t * r <= 16 or opts.fixed_rows):
+        if (t != 1) if draft else opts.fixed_rows:
             return "triton"
         from pallas_kernels.mgpu_attention import supports_layer
 

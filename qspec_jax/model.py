@@ -95,9 +95,10 @@ class ForwardOptions:
       else triton). H100, session 11: draft step 3.04 -> 3.00 ms at 32K, 4.80 -> 4.59 ms at 128K.
     target_history: the same choice for the target's decode steps and verify passes (both
       planes, T * R <= 32 query rows per KV head, not the exact mode's position-fixed splits);
-      "auto" is "mosaic" for verify passes of more than 16 query rows per KV head (T * R: with
-      R = 4, gamma >= 4) where it applies, else "triton" (H100, session 14: the two tie up to
-      16 rows; the verify pass at gamma 4 is 6-11% shorter in Mosaic).
+      "auto" is "mosaic" for the target's steps and verify passes (up to 32 query rows per KV
+      head, T * R) outside the exact mode where it applies, else "triton" (H100, session 15: the
+      verify pass ~1% shorter at gamma 2-3, 6-11% at gamma 4; and with the steps and the verify
+      in one kernel, greedy speculation parts from greedy decoding later at near-ties).
     l2_prefetch: bytes of the INT4 weights read after the attention (the o-projection, then a
       prefix of gate | up) that the Mosaic attention prefetches into the L2 cache at the end of
       its programs (0: none).

@@ -223,7 +223,8 @@ def test_forward_options_history_kernels_are_checked():
 
 def test_auto_history_picks_mosaic_where_it_applies(monkeypatch):
     """ForwardOptions' "auto" on an sm_90 GPU: Mosaic for the draft's one-token steps and for the
-    target's verify passes of 16 < T * R <= 32 query rows outside the exact mode; Triton otherwise."""
+    target's steps and verify passes of T * R <= 32 query rows outside the exact mode; Triton
+    otherwise."""
     from qspec_jax import hier_cache
     from qspec_jax.config import LlamaConfig
     from qspec_jax.model import ForwardOptions
@@ -238,9 +239,9 @@ def test_auto_history_picks_mosaic_where_it_applies(monkeypatch):
     assert pick(1, hier_cache.DRAFT) == "mosaic"
     assert pick(4, hier_cache.DRAFT) == "triton"  # the draft's kernel is for one-token steps
     assert pick(5, hier_cache.TARGET) == pick(8, hier_cache.TARGET) == "mosaic"  # 20 and 32 query rows
-    assert pick(4, hier_cache.TARGET) == pick(2, hier_cache.TARGET) == "triton"  # <= 16 rows: a tie, Triton
+    assert pick(4, hier_cache.TARGET) == pick(2, hier_cache.TARGET) == "mosaic"  # 16 and 8 rows
+    assert pick(1, hier_cache.TARGET) == "mosaic"  # the target's one-token steps: the verify's kernel
     assert pick(9, hier_cache.TARGET) == "triton"  # 36 rows: past the kernel's 32
-    assert pick(1, hier_cache.TARGET) == "triton"  # the target's one-token steps
     assert pick(8, hier_cache.TARGET, ForwardOptions(fixed_rows=8)) == "triton"  # the exact mode
     assert pick(8, hier_cache.TARGET, ForwardOptions(target_history="triton")) == "triton"
     assert pick(8, hier_cache.TARGET, ForwardOptions(interpret=True)) == "triton"
