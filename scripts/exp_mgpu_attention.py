@@ -6,6 +6,8 @@ dequantize-then-attend, the reference and the Triton `hier_attention`, one run o
     PYTHONPATH=. python3 scripts/exp_mgpu_attention.py --once   # two calls at 32K (for ncu)
     PYTHONPATH=. python3 scripts/exp_mgpu_attention.py --skip-checks --contexts 32768,131072 --splits 17,33 \
         --stages 2,3 --roles 1d   # a sweep of the history programs and the pipeline depth
+    PYTHONPATH=. python3 scripts/exp_mgpu_attention.py --skip-checks --contexts 32768,131072 --splits 33 \
+        --roles 1d,4v --merge-blocks 32,16,8   # the merge kernel's channel block
 
 Prints, then writes JSON (--json, default $OUT/mgpu_attention.json when $OUT is set):
 - the partials' error against dequantize-then-attend (draft view: upper planes; target view: the
@@ -139,11 +141,12 @@ def splits_sweep(out: dict, contexts, splits, roles, stages=(None,)) -> None:
             for t, lower in roles:
                 for sp in splits:
                     r = bk.time_attention(targs, ctx, t, lower, {"history": "mosaic", "mosaic_splits": sp}, xla=False)
+                    merge = {k: v[1] for k, v in (r.get("breakdown") or {}).items() if "merge" in k}
                     out.setdefault("splits", []).append(dict(ctx=ctx, t=t, lower=lower, splits=sp, stages=st,
-                                                             time_s=r.get("time_s")))
+                                                             time_s=r.get("time_s"), merge_s=sum(merge.values())))
                     us = r.get("time_s", float("nan")) * 1e6
-                    print(f"splits ctx {ctx} T={t} lower={lower} mosaic_splits={sp} stages={st}: {us:.1f} us",
-                          flush=True)
+                    print(f"splits ctx {ctx} T={t} lower={lower} mosaic_splits={sp} stages={st}: {us:.1f} us "
+                          f"(merge kernel {sum(merge.values()) * 1e6:.2f})", flush=True)
     ma.attention_partials = kernel
 
 
@@ -167,6 +170,8 @@ def main() -> int:
     ap.add_argument("--roles", default="1d,4v,8v",
                     help="with --splits: T and view (d draft, v verify), comma-separated")
     ap.add_argument("--stages", default="", help="with --splits: S,S,...: the pipeline depths to time")
+    ap.add_argument("--merge-blocks", default="",
+                    help="with --splits: C,C,...: time again per merge_partials channel block (MERGE_BLOCK_D)")
     ap.add_argument("--probe-unpack", action="store_true",
                     help="with --splits: time again with the dequantization replaced by constants (wrong results: "
                          "what the unpacking costs)")
@@ -184,7 +189,16 @@ def main() -> int:
     if args.splits:
         roles = [(int(x[:-1]), x[-1] == "v") for x in args.roles.split(",")]
         stages = [int(v) for v in args.stages.split(",")] if args.stages else [None]
-        splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles, stages)
+        if args.merge_blocks:
+            import pallas_kernels.hier_attention as ha
+            for c in [int(v) for v in args.merge_blocks.split(",")]:
+                ha.MERGE_BLOCK_D = c
+                n0 = len(out.get("splits", []))
+                splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles, stages)
+                for rec in out["splits"][n0:]:
+                    rec["merge_block_d"] = c
+        else:
+            splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles, stages)
         if args.probe_unpack:  # the same calls with A constant: no unpacking (and no tile loads to feed it)
             import jax.experimental.pallas.mosaic_gpu as plgpu
 
