@@ -18,11 +18,12 @@ Per program (row * KV head, split), one warpgroup, over 128-token steps fed by a
 - each program writes its unnormalized partial output transposed, [D, N], its running maximum
   and its sum (log2 domain) for all N rows; rows past the caller's are zero-query padding.
 
-Query rows (wgmma's N = 16 or 32): column t * R + r is query head r of new token t. The split of
-the history follows each row's quantized prefix (the largest over its tokens), so a short row
-reads only its own groups, dealt round-robin (program p takes groups p, p + splits, ...: the first
-are fetched before the lengths arrive); empty programs write m = -1e30, l = 0, o = 0. With several tokens, a token's columns mask the history past its own
-prefix (only the last group can differ) and the buffer slots outside [its prefix, its position].
+Query rows (wgmma's N = 16 or 32): column t * R + r is query head r of new token t. The history's
+groups are dealt round-robin (program p takes groups p, p + splits, ...: its first ones are fetched
+before the rows' lengths arrive) up to each row's quantized prefix (the largest over its tokens), so
+a short row reads only its own groups; empty programs write m = -1e30, l = 0, o = 0. With several
+tokens, a token's columns mask the history past its own prefix (only the last group can differ)
+and the buffer slots outside [its prefix, its position].
 
 `interpret=True` runs Mosaic GPU's interpreter on the CPU (tests): it has no rule for inline
 PTX, for wgmma with A in registers or for accumulators in `pl.run_state`, so there the same
