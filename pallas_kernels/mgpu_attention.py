@@ -430,6 +430,7 @@ def attention_partials(q16, k_upper, k_scale, k_min, v_upper, v_scale, v_min, ql
                 pl.when(j < boxes)(lambda ref=ref, j=j: plgpu.async_prefetch(ref.at[pl.ds(j * 256, 256)]))
 
         def buffer_part(carry, kbuf_s, vbuf_s, bbar):  # the last program: the slots any token sees, [lo, end)
+            # (read again from shared memory, not carried live through the history loop)
             _, qmin, pmax, qlen_col, pos_col = scalars()
             bst = sc_s[0, bi]
             lo, end = qmin - bst, pmax - bst + 1

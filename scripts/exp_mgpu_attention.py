@@ -141,12 +141,12 @@ def splits_sweep(out: dict, contexts, splits, roles, stages=(None,)) -> None:
             for t, lower in roles:
                 for sp in splits:
                     r = bk.time_attention(targs, ctx, t, lower, {"history": "mosaic", "mosaic_splits": sp}, xla=False)
-                    merge = {k: v[1] for k, v in (r.get("breakdown") or {}).items() if "merge" in k}
+                    merge_s = sum(v[1] for k, v in (r.get("breakdown") or {}).items() if "merge" in k)
                     out.setdefault("splits", []).append(dict(ctx=ctx, t=t, lower=lower, splits=sp, stages=st,
-                                                             time_s=r.get("time_s"), merge_s=sum(merge.values())))
+                                                             time_s=r.get("time_s"), merge_s=merge_s))
                     us = r.get("time_s", float("nan")) * 1e6
                     print(f"splits ctx {ctx} T={t} lower={lower} mosaic_splits={sp} stages={st}: {us:.1f} us "
-                          f"(merge kernel {sum(merge.values()) * 1e6:.2f})", flush=True)
+                          f"(merge kernel {merge_s * 1e6:.2f})", flush=True)
     ma.attention_partials = kernel
 
 
@@ -188,17 +188,20 @@ def main() -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     if args.splits:
         roles = [(int(x[:-1]), x[-1] == "v") for x in args.roles.split(",")]
+        splits = [int(v) for v in args.splits.split(",")]
         stages = [int(v) for v in args.stages.split(",")] if args.stages else [None]
         if args.merge_blocks:
             import pallas_kernels.hier_attention as ha
+            default_block = ha.MERGE_BLOCK_D
             for c in [int(v) for v in args.merge_blocks.split(",")]:
                 ha.MERGE_BLOCK_D = c
                 n0 = len(out.get("splits", []))
-                splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles, stages)
+                splits_sweep(out, contexts, splits, roles, stages)
                 for rec in out["splits"][n0:]:
                     rec["merge_block_d"] = c
+            ha.MERGE_BLOCK_D = default_block  # (the probe below times the default)
         else:
-            splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles, stages)
+            splits_sweep(out, contexts, splits, roles, stages)
         if args.probe_unpack:  # the same calls with A constant: no unpacking (and no tile loads to feed it)
             import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -210,7 +213,7 @@ def main() -> int:
             ma.dequant = no_unpack
             jax.clear_caches()
             n0 = len(out["splits"])
-            splits_sweep(out, contexts, [int(v) for v in args.splits.split(",")], roles)
+            splits_sweep(out, contexts, splits, roles, stages)
             for rec in out["splits"][n0:]:
                 rec["probe"] = "no_unpack"
     else:
