@@ -14,6 +14,9 @@ scale. Whether a multiply and the add become one fma differs between XLA and Tri
 can differ by a rounding of that dtype (H100: queries within 4e-3 relative in bf16, keys and
 values bitwise equal). Every program that decodes with the Pallas path uses this kernel, so the
 lossless exact mode still compares like with like (4/4 rows at gamma 1 / 4 / 7).
+
+The draft's one-token steps do this work in their q | k | v GEMV's epilogue instead
+(`int4_matmul.int4_qkv_to_cache`, the same arithmetic); this kernel serves the target's passes.
 """
 
 from __future__ import annotations

@@ -147,28 +147,54 @@ class HierCache:
         """Whether a decode step goes through `attend_qkv` (the Pallas path, not exact_rows)."""
         return opts.use_pallas() and not opts.exact_rows
 
-    def attend_qkv(self, layer, qkv, cos, sin, positions, *, num_heads, view=TARGET, opts, l2_prefetch=()):
+    def fuses_projection(self, tokens: int, view, x_dtype, weight, bias=None) -> bool:
+        """Whether `attend_qkv` takes the draft's q / k / v projection itself (`projection=`): one
+        new token per row, the INT4 kernel takes the rows and the weight, half a head is a
+        multiple of its column block, a bias (if any) in x's dtype. Call only where `takes_qkv`
+        holds and the weight is INT4 on the Pallas path."""
+        from pallas_kernels.int4_matmul import M1_NARROW_BLOCK_N, pallas_unsupported_reason
+
+        half = self.layers[0].buf_k.shape[3] // 2
+        return (view == DRAFT and tokens == 1 and half % M1_NARROW_BLOCK_N == 0
+                and pallas_unsupported_reason(self.lengths.shape[0], weight, x_dtype) is None
+                and (bias is None or bias.dtype == x_dtype))
+
+    def attend_qkv(self, layer, qkv, cos, sin, positions, *, num_heads, view=TARGET, opts, l2_prefetch=(),
+                   projection=None):
         """`attend` for a decode step from the un-roped projections qkv [B, T, (H + 2 KVH) * D]
         and the rope tables: one kernel (`pallas_kernels.qkv_to_cache`) ropes q and k, writes k
         and v into the buffer and lays the queries out as the attention kernel's rows, where XLA
         made three kernels per layer (H100: ~4 us of a draft step's ~99 us per layer at 32K).
         l2_prefetch: arrays the next kernels read (the o-projection's and gate | up's INT4 arrays),
-        which the Mosaic attention prefetches into the L2 cache (`ForwardOptions.l2_prefetch`)."""
+        which the Mosaic attention prefetches into the L2 cache (`ForwardOptions.l2_prefetch`).
+
+        projection: instead of qkv (None), the draft's (x [B, 1, K], norm weight, eps, INT4 q | k |
+        v weight, bias or None) where `fuses_projection` holds: the projection and this step's
+        qkv_to_cache are then one kernel (`int4_matmul.int4_qkv_to_cache`)."""
         from pallas_kernels.qkv_to_cache import qkv_to_cache
 
         self._check_view(view)
         lc = self.layers[layer]
-        b, t, _ = qkv.shape
+        b, t = positions.shape
         d = lc.buf_k.shape[3]
         bs = self.buf_start
         # the Mosaic attention takes its queries in its own layout (saves a transpose kernel)
         history = self._history_kernel(lc, t, num_heads, view, opts)
         mosaic = history == "mosaic"
-        q_rows, buf_k, buf_v = qkv_to_cache(qkv, cos, sin, lc.buf_k, lc.buf_v, positions[:, 0] - bs,
-                                            num_heads=num_heads, num_kv_heads=lc.buf_k.shape[1],
-                                            q_layout="mosaic" if mosaic else "rows", interpret=opts.interpret)
+        heads = dict(num_heads=num_heads, num_kv_heads=lc.buf_k.shape[1], q_layout="mosaic" if mosaic else "rows",
+                     interpret=opts.interpret)
+        if projection is not None:
+            from pallas_kernels.int4_matmul import int4_qkv_to_cache
+
+            x, norm_weight, eps, w, bias = projection
+            q_rows, buf_k, buf_v = int4_qkv_to_cache(x.reshape(b, -1), w.packed, w.scale, w.minimum, norm_weight,
+                                                     cos[:, 0], sin[:, 0], lc.buf_k, lc.buf_v, positions[:, 0] - bs,
+                                                     bias, norm_eps=float(eps), **heads)
+            q_shape = jnp.zeros((b, t, num_heads, d), x.dtype)  # shapes and dtype only (dead code for XLA)
+        else:
+            q_rows, buf_k, buf_v = qkv_to_cache(qkv, cos, sin, lc.buf_k, lc.buf_v, positions[:, 0] - bs, **heads)
+            q_shape = qkv[:, :, :num_heads * d].reshape(b, t, num_heads, d)  # shapes and dtype only
         lc = lc.replace(buf_k=buf_k, buf_v=buf_v)
-        q_shape = qkv[:, :, :num_heads * d].reshape(b, t, num_heads, d)  # shapes and dtype only
         out = self._read(lc, q_shape, positions, bs, use_lower=view != DRAFT, opts=opts, q_rows=q_rows,
                          history=history, l2_prefetch=l2_prefetch if mosaic else ())
         return out, self.with_layer(layer, lc)

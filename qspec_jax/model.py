@@ -102,6 +102,9 @@ class ForwardOptions:
     l2_prefetch: bytes of the INT4 weights read after the attention (the o-projection, then a
       prefix of gate | up) that the Mosaic attention prefetches into the L2 cache at the end of
       its programs (0: none).
+    fused_projection: the draft's one-token steps compute their q / k / v projection and
+      qkv_to_cache's rope, buffer writes and query rows in one kernel
+      (`int4_matmul.int4_qkv_to_cache`); False keeps the two kernels (for A/B runs).
     """
 
     backend: str = "auto"
@@ -112,6 +115,7 @@ class ForwardOptions:
     draft_history: str = "auto"
     target_history: str = "auto"
     l2_prefetch: int = 24 << 20
+    fused_projection: bool = True
 
     def __post_init__(self):
         if not isinstance(self.fixed_rows, int) or self.fixed_rows < 0:
@@ -315,13 +319,19 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
     b, t = tokens.shape
     hd = config.head_dim
     for n, layer in enumerate(params.layers):
-        qkv = norm_linear(x, layer.attn_norm, config.rms_norm_eps, layer.wqkv, opts)
-        if layer.bqkv is not None:
-            qkv = qkv + layer.bqkv
-        if not prefill and cache.takes_qkv(opts):  # one kernel for rope, cache writes and query layout
+        step = not prefill and cache.takes_qkv(opts)
+        if (step and opts.fused_projection and _fuses(layer.wqkv, opts)
+                and cache.fuses_projection(t, view, x.dtype, layer.wqkv, layer.bqkv)):
+            # the draft's projection and the cache writes in one kernel (int4_qkv_to_cache)
+            proj = (x, layer.attn_norm, config.rms_norm_eps, layer.wqkv, layer.bqkv)
+            attn, cache = cache.attend_qkv(n, None, cos, sin, positions, num_heads=config.num_heads, view=view,
+                                           opts=opts, l2_prefetch=_l2_prefetch(layer, opts), projection=proj)
+        elif step:  # one kernel for rope, cache writes and query layout
+            qkv = _qkv(x, layer, config, opts)
             attn, cache = cache.attend_qkv(n, qkv, cos, sin, positions, num_heads=config.num_heads, view=view,
                                            opts=opts, l2_prefetch=_l2_prefetch(layer, opts))
         else:
+            qkv = _qkv(x, layer, config, opts)
             q, k, v = split_columns(qkv, qkv_sizes(config))
             q = apply_rope(q.reshape(b, t, config.num_heads, hd), cos, sin, exact=opts.exact_rows)
             k = apply_rope(k.reshape(b, t, config.num_kv_heads, hd), cos, sin, exact=opts.exact_rows)
@@ -331,6 +341,12 @@ def forward(params: Params, config: LlamaConfig, tokens, positions, cache, *, pr
         h = norm_linear(x, layer.mlp_norm, config.rms_norm_eps, layer.w_gate_up, opts, act="silu_mul")
         x = linear_residual(h, layer.w_down, x, opts)
     return rms_norm(x, params.final_norm, config.rms_norm_eps)[:, :t_real], cache
+
+
+def _qkv(x, layer, config: LlamaConfig, opts: ForwardOptions):
+    """The layer's q | k | v projections of x (RMSNorm first; the Qwen2 bias added)."""
+    qkv = norm_linear(x, layer.attn_norm, config.rms_norm_eps, layer.wqkv, opts)
+    return qkv if layer.bqkv is None else qkv + layer.bqkv
 
 
 def _l2_prefetch(layer, opts: ForwardOptions) -> tuple:

@@ -256,7 +256,8 @@ def kv_bytes_fp(config, s):
 def bench(args):
     config = SHAPES[args.shape]
     opts = ForwardOptions(backend=args.backend, fixed_rows=args.fixed_rows, draft_history=args.draft_history,
-                          target_history=args.target_history, l2_prefetch=int(args.l2_prefetch_mb * 2**20))
+                          target_history=args.target_history, l2_prefetch=int(args.l2_prefetch_mb * 2**20),
+                          fused_projection=not args.unfused_projection)
     dev = jax.devices()[0]
     key = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
@@ -355,6 +356,8 @@ def main():
     p.add_argument("--target-history", default="auto", choices=["auto", "triton", "mosaic"],
                    help="the target's (verify, AR step over the hierarchical cache) history kernel "
                         "(ForwardOptions.target_history)")
+    p.add_argument("--unfused-projection", action="store_true",
+                   help="the draft's q / k / v GEMV and qkv_to_cache as two kernels (ForwardOptions.fused_projection)")
     p.add_argument("--l2-prefetch-mb", type=float, default=24,
                    help="ForwardOptions.l2_prefetch in MiB: weights after the attention that the Mosaic "
                         "attention prefetches into L2 (0: none)")

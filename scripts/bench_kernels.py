@@ -378,6 +378,68 @@ def fused_ops(args):
             dump(args)
 
 
+def qkv_cache_op(args):
+    """The draft's q / k / v projection with qkv_to_cache fused (`int4_qkv_to_cache`) against the two
+    kernels it replaces (`int4_matmul` with the norm, then `qkv_to_cache`) at the Llama-3.1-8B shape
+    (H 32, KVH 8, D 128, K 4096, G 128, bf16): the outputs compared (query rows, the written buffer
+    slots; the unfused Pallas pair is the reference), then both timed over rotating weight copies."""
+    from pallas_kernels.int4_matmul import int4_qkv_to_cache
+    from pallas_kernels.qkv_to_cache import qkv_to_cache
+
+    h, kvh, d, k, g, sb = (4, 2, 64, 256, 64, 16) if args.interpret else (32, 8, 128, 4096, 128, 272)
+    n = (h + 2 * kvh) * d
+    ik = dict(interpret=True) if args.interpret else {}
+    for m, layout in ((1, "mosaic"), (1, "rows"), (2, "mosaic")):
+        if over_deadline(args):
+            return
+        rec = dict(op=f"qkv_to_cache/{layout}", m=m, k=k, n=n)
+        try:
+            rng = np.random.default_rng(m)
+            qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02), g)
+            x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+            gw = jnp.asarray(1 + 0.2 * rng.standard_normal(k), jnp.bfloat16)
+            ang = jnp.asarray(rng.uniform(0, 6.3, (m, d // 2)), jnp.float32)
+            cos, sin = (jnp.concatenate([f(ang)] * 2, axis=1) for f in (jnp.cos, jnp.sin))
+            bk = jnp.asarray(rng.standard_normal((m, kvh, sb, d)), jnp.bfloat16)
+            bv = jnp.asarray(rng.standard_normal((m, kvh, sb, d)), jnp.bfloat16)
+            slot = jnp.asarray([sb // 7, sb - 3][:m], jnp.int32)
+            heads = dict(num_heads=h, num_kv_heads=kvh, q_layout=layout, **ik)
+
+            def fused(p, s_, mn_):
+                return int4_qkv_to_cache(x, p, s_, mn_, gw, cos, sin, bk, bv, slot, norm_eps=1e-5, **heads)
+
+            def unfused(p, s_, mn_):
+                qkv = int4_matmul(x, p, s_, mn_, group_size=g, norm_weight=gw, norm_eps=1e-5, **ik)
+                return qkv_to_cache(qkv[:, None], cos[:, None], sin[:, None], bk, bv, slot, **heads)
+
+            got, want = jax.jit(fused)(qw.packed, qw.scale, qw.minimum), jax.jit(unfused)(qw.packed, qw.scale,
+                                                                                          qw.minimum)
+            rows = np.arange(m)
+            for name, a, b_ in (("q", got[0], want[0]),
+                                ("k", got[1][rows, :, np.asarray(slot)], want[1][rows, :, np.asarray(slot)]),
+                                ("v", got[2][rows, :, np.asarray(slot)], want[2][rows, :, np.asarray(slot)])):
+                a, b_ = np.asarray(a, np.float32), np.asarray(b_, np.float32)
+                rec[f"{name}_rel_fro"] = float(np.linalg.norm(a - b_) / max(np.linalg.norm(b_), 1e-30))
+                rec[f"{name}_bitwise"] = bool(np.array_equal(a, b_))
+            rec["ok"] = max(rec[f"{c}_rel_fro"] for c in "qkv") < 1e-2
+            RESULTS["check"].append(dict(kernel="int4_qkv_to_cache", **rec))
+            packed, scale, mn = random_int4(jax.random.PRNGKey(n), k, n, g)
+            qbytes = int(packed.size + 2 * scale.size + 2 * mn.size)
+            sets = copies_of((packed, scale, mn), n_copies(qbytes, args.max_copies))
+            for tag, fn in (("fused", fused), ("unfused", unfused)):
+                r = time_calls(fn, sets, reps=args.reps)
+                rec[f"{tag}_s"], rec[f"{tag}_kernels"] = r["kernel_s"], r["kernels"]
+                rec[f"{tag}_wall_s"] = r["wall_s"]
+            rec["int4_bytes"] = qbytes
+            del sets
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            rec["ok"] = False
+        RESULTS["fused"].append(rec)
+        log("qkv_to_cache", _short(rec))
+        dump(args)
+
+
 # ---------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------
@@ -613,6 +675,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="small block-size sweep (after the checks)")
     ap.add_argument("--fused", action="store_true", help="check and time the INT4 GEMV's fused forms")
     ap.add_argument("--only-fused", action="store_true", help="--fused, and skip the other checks and tables")
+    ap.add_argument("--qkv-cache", action="store_true",
+                    help="only the draft's projection fused with qkv_to_cache against the two kernels (checked, timed)")
     ap.add_argument("--smoke", action="store_true", help="tiny checks in interpret mode (runs on CPU)")
     ap.add_argument("--dry-run", action="store_true", help="tiny timings in interpret mode (CPU test of the script)")
     ap.add_argument("--mm-shapes", default=",".join(f"{k}x{n}" for k, n in MM_SHAPES), help="KxN,KxN,...")
@@ -657,7 +721,7 @@ def main():
     ap.add_argument("--at-unpack", default="auto")
     args = ap.parse_args()
     args.interpret = args.smoke or args.dry_run
-    if args.only_fused:
+    if args.only_fused or args.qkv_cache:
         args.fused = args.skip_check = args.skip_main = True
     global PROFILE, CALLS_PER_JIT
     PROFILE = args.profile
@@ -737,7 +801,9 @@ def main():
                     dump(args)
     for job in ((run_at, run_mm) if args.attn_first else (run_mm, run_at)):
         job()
-    if args.fused:
+    if args.qkv_cache:
+        qkv_cache_op(args)
+    elif args.fused:
         fused_ops(args)
     if args.sweep:
         sweep(args)
@@ -779,7 +845,7 @@ def main():
                 continue
             log(f"{r['m']:>3} {r['op']:>22} {r['fused_s'] * 1e6:9.1f} {r['fused_kernels'] or 0:3.0f} "
                 f"{r['unfused_s'] * 1e6:10.1f} {r['unfused_kernels'] or 0:3.0f} "
-                f"{r['int4_bytes'] / r['fused_s'] / 1e12:5.2f} {r.get('rel_fro', nan):8.1e}")
+                f"{r['int4_bytes'] / r['fused_s'] / 1e12:5.2f} {r.get('rel_fro', r.get('q_rel_fro', nan)):8.1e}")
     if RESULTS["sweep"]:
         log("sweep (us per call; TB/s):")
         for r in RESULTS["sweep"]:

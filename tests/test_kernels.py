@@ -151,6 +151,83 @@ def test_int4_matmul_rms_only_is_the_norm_with_a_folded_weight(m, k, n, g, dtype
         int4_matmul(x, folded.packed, folded.scale, folded.minimum, group_size=g, norm_weight=gw, rms_only=True)
 
 
+QKV_CACHE_CASES = [
+    # m, k, heads, kv heads, head_dim, g, dtype, kwargs (block_n 8: P = D / 16 programs per head)
+    pytest.param(1, 300, 6, 2, 64, 64, jnp.bfloat16, dict(), id="M1-GQA3-raggedK-bf16-fma16-mosaic"),
+    pytest.param(3, 256, 4, 4, 32, 32, jnp.float32, dict(q_layout="rows", bias=True),
+                 id="M3-MHA-D32-f32-rows-bias-slot-past-end"),
+    pytest.param(2, 512, 8, 1, 128, 128, jnp.float16, dict(bias=True, groups_per_step=2, block_n=16),
+                 id="M2-GQA8-D128-f16-2-steps-bn16"),
+]
+
+
+@pytest.mark.parametrize("m,k,h,kvh,d,g,dtype,kw", QKV_CACHE_CASES)
+def test_int4_qkv_to_cache_matches_the_unfused_composition(m, k, h, kvh, d, g, dtype, kw):
+    """The draft's q / k / v GEMV with qkv_to_cache in its epilogue against the projection (RMSNorm,
+    INT4, bias) followed by qkv_to_cache's reference: query rows, both buffers (slots written and
+    untouched; a slot past the buffer writes nothing), the padded query rows zero."""
+    from pallas_kernels.int4_matmul import int4_qkv_to_cache, int4_qkv_to_cache_reference
+
+    kw = dict(kw)
+    bias_on, q_layout = kw.pop("bias", False), kw.pop("q_layout", "mosaic")
+    rng = np.random.default_rng(k + h + d)
+    n = (h + 2 * kvh) * d
+    qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, n)) * 0.2, jnp.float32), g)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    gw = jnp.asarray(1 + 0.3 * rng.standard_normal(k), dtype)
+    bias = jnp.asarray(0.5 * rng.standard_normal(n), dtype) if bias_on else None
+    ang = rng.uniform(0, 6.3, (m, d // 2))
+    cos = jnp.asarray(np.cos(np.concatenate([ang, ang], 1)), jnp.float32)
+    sin = jnp.asarray(np.sin(np.concatenate([ang, ang], 1)), jnp.float32)
+    sb = 24
+    buf_k = jnp.asarray(rng.standard_normal((m, kvh, sb, d)), dtype)
+    buf_v = jnp.asarray(rng.standard_normal((m, kvh, sb, d)), dtype)
+    slot = jnp.asarray([5, sb - 1, sb][:m], jnp.int32)  # the third row's token has no slot
+    args = (cos, sin, buf_k, buf_v, slot, bias)
+    heads = dict(num_heads=h, num_kv_heads=kvh, q_layout=q_layout)
+    q, bk, bv = int4_qkv_to_cache(x, qw.packed, qw.scale, qw.minimum, gw, *args, norm_eps=1e-5, interpret=True,
+                                  **heads, **kw)
+    rq, rk, rv = highest(int4_qkv_to_cache_reference, x, qw, gw, 1e-5, *args, **heads)
+    assert q.shape == rq.shape and q.dtype == rq.dtype and bk.dtype == buf_k.dtype
+    # the kernel's projection is float32 until one rounding to x.dtype, as the reference's
+    tol = {jnp.dtype(jnp.float32): 1e-5}.get(jnp.dtype(dtype), 1e-2)
+    assert rel_fro(q, rq) < tol
+    written = np.zeros((m, kvh, sb, d), bool)
+    for r, s_ in enumerate(np.asarray(slot)):
+        if s_ < sb:
+            written[r, :, s_] = True
+    for got, ref, old in ((bk, rk, buf_k), (bv, rv, buf_v)):
+        assert rel_fro(np.asarray(got, np.float32)[written], np.asarray(ref, np.float32)[written]) < tol
+        assert np.array_equal(np.asarray(got)[~written], np.asarray(old)[~written])
+    r_per_kv = h // kvh
+    if q_layout == "mosaic":
+        assert not np.asarray(q, np.float32)[:, :, :, r_per_kv:].any()
+    else:
+        assert not np.asarray(q)[:, :, r_per_kv:].any()
+
+
+def test_int4_qkv_to_cache_bad_inputs_raise_before_launch():
+    from pallas_kernels.int4_matmul import int4_qkv_to_cache
+    from pallas_kernels.qkv_to_cache import QkvToCacheError
+
+    qw = quantize_rtn(jnp.ones((128, 8 * 32)), 64)  # 4 q + 2 kv heads of 32
+    x, gw = jnp.ones((1, 128), jnp.bfloat16), jnp.ones((128,), jnp.bfloat16)
+    cs, buf, slot = jnp.ones((1, 32)), jnp.zeros((1, 2, 8, 32), jnp.bfloat16), jnp.zeros((1,), jnp.int32)
+    call = lambda h=4, kvh=2, c=cs, b=buf, **kw: int4_qkv_to_cache(  # noqa: E731
+        x, qw.packed, qw.scale, qw.minimum, gw, c, c, b, b, slot, num_heads=h, num_kv_heads=kvh, norm_eps=1e-5,
+        interpret=True, **kw)
+    with pytest.raises(QkvToCacheError, match="columns"):
+        call(h=5)
+    with pytest.raises(QkvToCacheError, match="cos / sin"):
+        call(c=jnp.ones((1, 64)))
+    with pytest.raises(QkvToCacheError, match="buffers"):
+        call(b=jnp.zeros((1, 3, 8, 32), jnp.bfloat16))
+    with pytest.raises(QkvToCacheError, match="block_n"):
+        call(block_n=32)
+    with pytest.raises(QkvToCacheError, match="q_layout"):
+        call(q_layout="bhsd")
+
+
 def test_int4_fused_reference_is_the_unfused_composition():
     from qspec_jax.model import rms_norm
 
@@ -203,12 +280,24 @@ def _teacher_forced_logits(params, cfg, toks, n_prompt, t, view, opts, *, group_
     return np.concatenate(out, 1)
 
 
-def test_draft_forward_through_interpreted_kernels_matches_reference():
-    """The draft's decode steps with every Pallas kernel (fused INT4 GEMVs, draft attention)
-    in interpret mode against the jnp reference path, teacher forced across KV flushes."""
+def _spy_fused_qkv(monkeypatch):
+    """Count the traces of `int4_qkv_to_cache` (the draft step's projection + cache writes)."""
+    from pallas_kernels import int4_matmul
+
+    calls, real = [], int4_matmul.int4_qkv_to_cache
+    monkeypatch.setattr(int4_matmul, "int4_qkv_to_cache", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    return calls
+
+
+def test_draft_forward_through_interpreted_kernels_matches_reference(monkeypatch):
+    """The draft's decode steps with every Pallas kernel (fused INT4 GEMVs, the projection fused
+    with the cache writes, draft attention) in interpret mode against the jnp reference path,
+    teacher forced across KV flushes."""
     from helpers import random_prompts, tiny_config, tiny_params
     from qspec_jax.draft import DraftRecipe, make_draft
     from qspec_jax.model import ForwardOptions
+
+    fused = _spy_fused_qkv(monkeypatch)
 
     cfg = tiny_config(hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=160)
     draft = make_draft(tiny_params(cfg, seed=3, scale=0.1), DraftRecipe(group_size=32))
@@ -218,6 +307,28 @@ def test_draft_forward_through_interpreted_kernels_matches_reference():
                  for o in (ForwardOptions(backend="reference"), ForwardOptions(interpret=True)))
     assert rel_fro(kern, ref) < 1e-3
     assert (kern.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+    assert fused and all(kw["q_layout"] == "rows" for kw in fused)  # the Triton attention's query rows
+
+
+def test_the_projection_fuses_into_the_cache_write_only_where_the_kernel_takes_it():
+    """`HierCache.fuses_projection`: the draft's one-token steps of up to MAX_M rows with a weight the
+    INT4 kernel takes and a bias of x's dtype; never the target, a verify-shaped forward, more rows,
+    an unsupported group size or a head whose half is no multiple of the column block."""
+    from helpers import tiny_config
+    from qspec_jax.hier_cache import DRAFT, TARGET, init_hier_cache
+
+    cfg = tiny_config(head_dim=32)
+    qw = quantize_rtn(jnp.ones((cfg.hidden_size, 8 * 32)), 32)
+    odd = quantize_rtn(jnp.ones((96, 8 * 32)), 48)  # G = 48: not a kernel group size
+    bf16 = jnp.bfloat16
+
+    def fuses(batch=1, tokens=1, view=DRAFT, weight=qw, bias=None, head_dim=32):
+        cache = init_hier_cache(tiny_config(head_dim=head_dim), batch, 128, group_size=32)
+        return cache.fuses_projection(tokens, view, bf16, weight, bias)
+
+    assert fuses() and fuses(batch=MAX_M) and fuses(bias=jnp.zeros((256,), bf16))
+    assert not fuses(view=TARGET) and not fuses(tokens=4) and not fuses(batch=MAX_M + 1)
+    assert not fuses(weight=odd) and not fuses(bias=jnp.zeros((256,), jnp.float32)) and not fuses(head_dim=24)
 
 
 def test_target_verify_forward_through_interpreted_kernels_matches_reference():
@@ -237,7 +348,7 @@ def test_target_verify_forward_through_interpreted_kernels_matches_reference():
 
 
 @pytest.mark.parametrize("view,t", [("draft", 1), ("target", 4)])
-def test_forward_through_the_interpreted_mosaic_attention_matches_reference(view, t):
+def test_forward_through_the_interpreted_mosaic_attention_matches_reference(view, t, monkeypatch):
     """The decoder's Mosaic GPU path (`pallas_kernels.mgpu_attention`, interpreted): qkv_to_cache
     writing the Mosaic query tiles, the history and buffer programs, the merge, for the draft's
     one-token steps and the target's verify-shaped forwards (T = 4 x R = 4 = 16 query rows),
@@ -247,6 +358,7 @@ def test_forward_through_the_interpreted_mosaic_attention_matches_reference(view
     from qspec_jax.draft import DraftRecipe, make_draft
     from qspec_jax.model import ForwardOptions
 
+    fused = _spy_fused_qkv(monkeypatch)
     cfg = tiny_config(hidden_size=256, num_heads=4, num_kv_heads=1, head_dim=128, intermediate_size=160,
                       num_layers=1)
     params = tiny_params(cfg, seed=7, scale=0.1)
@@ -262,6 +374,8 @@ def test_forward_through_the_interpreted_mosaic_attention_matches_reference(view
                  for o in (ForwardOptions(backend="reference"), mosaic))
     assert rel_fro(kern, ref) < 2e-3  # f16 operands and p, against float32 reference sums
     assert (kern.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+    # the draft's projection writes the Mosaic query tiles itself; the target's goes through qkv_to_cache
+    assert {kw["q_layout"] for kw in fused} == ({"mosaic"} if view == "draft" else set())
 
 
 def test_resolve_path_defaults_per_rows():
