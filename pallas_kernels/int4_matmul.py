@@ -68,8 +68,9 @@ their jnp reference.
 `int4_qkv_to_cache` (session 16): the draft's q | k | v projection with `qkv_to_cache` in its
 epilogue. A program owns one head's rotary pairs (channels c.. and c + D/2..), so it ropes them,
 writes k / v into the buffer and the queries in the attention's layout itself: one kernel per
-layer instead of two. H100, in one run: 9.0 us in the decode step, as the plain projection took
-(the two kernels: 9.1 + 1.4 us); the draft step -0.9% at 32K, -0.7% at 128K.
+layer instead of two. H100 (docs/benchmarks.md, session 16): 9.0 us in the decode step, as the plain
+projection took (the two kernels: 9.1 + 1.4 us); the draft step -0.9% at 32K in two in-process A/Bs,
+-0.7% and 0.0% at 128K.
 
 `int4_linear` is the dispatcher a model calls with a `QuantizedWeight`.
 """
