@@ -354,9 +354,6 @@ def fused_ops(args):
                 rec["rel_fro"], rec["rel_max"] = rel_errs(y, ref)
                 rec["ok"] = rec["rel_fro"] < 1e-2
                 RESULTS["check"].append(dict(kernel="int4_fused", **rec))
-                packed, scale, mn = random_int4(jax.random.PRNGKey(k * 7 + nw), k, nw, g)
-                qbytes = int(packed.size + 2 * scale.size + 2 * mn.size)
-                sets = copies_of((packed, scale, mn), n_copies(qbytes, args.max_copies))
                 kw = mm_kwargs(args)
                 variants = [("fused", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, **fk, **kw)),
                             ("unfused", lambda p, s, mn_: _unfused(x, p, s, mn_, gw, res, act, g, kw))]
@@ -365,17 +362,24 @@ def fused_ops(args):
                     variants += [("rms_only", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, rms_only=True,
                                                                             **rk, **kw)),
                                  ("no_norm", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, **rk, **kw))]
-                for tag, fn in variants:
-                    r = time_calls(fn, sets, reps=args.reps)
-                    rec[f"{tag}_s"], rec[f"{tag}_kernels"] = r["kernel_s"], r["kernels"]
-                rec["int4_bytes"] = qbytes
-                del sets
+                time_weight_variants(args, rec, variants, random_int4(jax.random.PRNGKey(k * 7 + nw), k, nw, g))
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 rec["ok"] = False
             RESULTS["fused"].append(rec)
             log("fused", _short(rec))
             dump(args)
+
+
+def time_weight_variants(args, rec, variants, weight):
+    """Time each (tag, fn(packed, scale, minimum)) over rotating copies of the INT4 weight (past the
+    L2): rec[tag_s] (kernel time per call), rec[tag_kernels], rec[tag_wall_s], rec["int4_bytes"]."""
+    packed, scale, mn = weight
+    rec["int4_bytes"] = int(packed.size + 2 * scale.size + 2 * mn.size)
+    sets = copies_of(weight, n_copies(rec["int4_bytes"], args.max_copies))
+    for tag, fn in variants:
+        r = time_calls(fn, sets, reps=args.reps)
+        rec[f"{tag}_s"], rec[f"{tag}_kernels"], rec[f"{tag}_wall_s"] = r["kernel_s"], r["kernels"], r["wall_s"]
 
 
 def qkv_cache_op(args):
@@ -423,15 +427,8 @@ def qkv_cache_op(args):
                 rec[f"{name}_bitwise"] = bool(np.array_equal(a, b_))
             rec["ok"] = max(rec[f"{c}_rel_fro"] for c in "qkv") < 1e-2
             RESULTS["check"].append(dict(kernel="int4_qkv_to_cache", **rec))
-            packed, scale, mn = random_int4(jax.random.PRNGKey(n), k, n, g)
-            qbytes = int(packed.size + 2 * scale.size + 2 * mn.size)
-            sets = copies_of((packed, scale, mn), n_copies(qbytes, args.max_copies))
-            for tag, fn in (("fused", fused), ("unfused", unfused)):
-                r = time_calls(fn, sets, reps=args.reps)
-                rec[f"{tag}_s"], rec[f"{tag}_kernels"] = r["kernel_s"], r["kernels"]
-                rec[f"{tag}_wall_s"] = r["wall_s"]
-            rec["int4_bytes"] = qbytes
-            del sets
+            time_weight_variants(args, rec, (("fused", fused), ("unfused", unfused)), random_int4(jax.random.PRNGKey(n),
+                                                                                              k, n, g))
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             rec["ok"] = False
