@@ -4,7 +4,8 @@
 Builds the Llama-3.1-8B-shaped draft (random weights; `--shape`: bench_decode's shapes) and, per context, one jitted loop of
 `--steps` draft steps per variant over the same random hierarchical cache; the variants' loops
 are timed interleaved (the order flips every repetition, the first repetition is warm-up), then
-each is profiled once (device kernel time and kernel count per step). Per-step medians are the
+each is profiled once (device kernel time, kernel count and the idle time between kernels per step,
+with the largest idle gaps by kernel pair: `bench_decode.kernel_gaps`). Per-step medians are the
 comparison: two runs of the same code on two machines differ by more than most changes (up to
 ~5% in session 16), so only an in-process A/B like this one separates them.
 
@@ -93,7 +94,8 @@ def main():
                                             profile=prof)
             print(f"# ctx {ctx} {name:>10}: draft step median {med:.4f} ms (all "
                   f"{' '.join(f'{x:.4f}' for x in times[name])}); kernels {prof['kernel_ms_per_step']:.4f} ms, "
-                  f"{prof['kernels_per_step']:.0f} per step", flush=True)
+                  f"{prof['kernels_per_step']:.0f} per step, {prof['idle_ms_per_step']:.4f} ms idle between them",
+                  flush=True)
         del cache, fns
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "ab_draft_step.json"), "w") as f:

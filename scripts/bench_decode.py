@@ -211,14 +211,37 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
     return outs
 
 
+def kernel_gaps(events, top=8):
+    """Idle time between consecutive device kernels of one stream, from (name, duration_ns, start_ns,
+    stream) events: (total idle ns, [(ns, count, "previous -> next")] the largest sums by the pair of
+    kernel names). A gap is the next kernel's start minus the previous one's end; overlaps count
+    as 0."""
+    by_stream = {}
+    for nm, dur, start, line in events:
+        by_stream.setdefault(line, []).append((start, start + dur, nm[:60]))
+    total, pairs = 0.0, {}
+    for evs in by_stream.values():
+        evs.sort()
+        for (_, end0, nm0), (start1, _, nm1) in zip(evs, evs[1:]):
+            gap = max(0.0, start1 - end0)
+            total += gap
+            g, c = pairs.get(f"{nm0} -> {nm1}", (0.0, 0))
+            pairs[f"{nm0} -> {nm1}"] = (g + gap, c + 1)
+    rows = sorted(((g, c, k) for k, (g, c) in pairs.items()), reverse=True)[:top]
+    return total, rows
+
+
 def profile_top(call, n_steps, top=25):
-    """Device kernels of one call under the profiler: per step time and count, by name."""
+    """Device kernels of one call under the profiler: per step time and count, by name, and the idle
+    time between kernels (`kernel_gaps`)."""
     from jax._src.lib import _profiler
     from bench_kernels import _gpu_kernel_events
     sess = _profiler.ProfilerSession()
     out = call()
     jax.block_until_ready(out)
-    events = _gpu_kernel_events(sess.stop())
+    timed_events = _gpu_kernel_events(sess.stop(), with_times=True)
+    events = [(nm, d) for nm, d, _, _ in timed_events]
+    gap_ns, gap_rows = kernel_gaps(timed_events)
     by = {}
     for nm, d in events:
         key = nm[:80]
@@ -226,10 +249,16 @@ def profile_top(call, n_steps, top=25):
         by[key] = (t + d * 1e-9 / n_steps, c + 1 / n_steps)
     rows = sorted(by.items(), key=lambda kv: -kv[1][0])[:top]
     total = sum(t for t, _ in by.values())
-    print(f"#   profile: {total * 1e3:.3f} ms of kernels per step, {len(events) / n_steps:.0f} kernels per step")
+    print(f"#   profile: {total * 1e3:.3f} ms of kernels per step, {len(events) / n_steps:.0f} kernels per step, "
+          f"{gap_ns * 1e-6 / n_steps:.3f} ms idle between them")
     for nm, (t, c) in rows:
         print(f"#   {t * 1e6:9.1f} us  x{c:5.1f}  {nm}")
+    for g, c, pair in gap_rows:
+        print(f"#   idle {g * 1e-3 / n_steps:7.1f} us per step over {c / n_steps:5.1f} gaps ({g / max(c, 1):6.0f} ns "
+              f"each): {pair}")
     return {"kernel_ms_per_step": total * 1e3, "kernels_per_step": len(events) / n_steps,
+            "idle_ms_per_step": gap_ns * 1e-6 / n_steps,
+            "idle_top": [(pair, g * 1e-3 / n_steps, c / n_steps) for g, c, pair in gap_rows],
             "top": [(nm, t * 1e6, c) for nm, (t, c) in rows], "_out": out}
 
 

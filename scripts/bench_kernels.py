@@ -126,8 +126,9 @@ def n_copies(nbytes: int, cap: int) -> int:
     return int(max(1, min(cap, math.ceil(4 * L2_BYTES / max(nbytes, 1)))))
 
 
-def _gpu_kernel_events(xspace: bytes):
-    """(name, duration_ns) of the device kernels in a serialized XSpace."""
+def _gpu_kernel_events(xspace: bytes, with_times: bool = False):
+    """(name, duration_ns) of the device kernels in a serialized XSpace; with_times: (name,
+    duration_ns, start_ns, stream line name)."""
     from jax._src import profiler as _prof
     data = _prof.ProfileData.from_serialized_xspace(xspace)
     events, lines_seen = [], set()
@@ -143,7 +144,8 @@ def _gpu_kernel_events(xspace: bytes):
                 nm = ev.name
                 if nm.lower().startswith(("memcpy", "memset")):
                     continue
-                events.append((nm, float(ev.duration_ns)))
+                events.append((nm, float(ev.duration_ns), float(ev.start_ns), ln.name) if with_times
+                              else (nm, float(ev.duration_ns)))
     RESULTS["meta"].setdefault("profile_lines", sorted(lines_seen)[:8])
     return events
 

@@ -768,3 +768,18 @@ def test_qkv_to_cache_bad_inputs_raise():
     with pytest.raises(QkvToCacheError, match="slot"):
         qkv_to_cache(qkv, cs, cs, buf, buf, slot[:0], num_heads=8, num_kv_heads=2, interpret=True)
 
+
+
+def test_kernel_gaps_sums_the_idle_time_between_a_streams_kernels(monkeypatch):
+    """bench_decode's profile helper: the idle time before each kernel on its own stream, summed by
+    the (previous, next) pair; overlapping kernels count as no gap."""
+    import importlib.util
+    monkeypatch.syspath_prepend("scripts")  # bench_decode imports bench_kernels from its own folder
+    spec = importlib.util.spec_from_file_location("bench_decode_for_gaps", "scripts/bench_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    events = [("qkv", 10, 0, "s1"), ("attn", 5, 12, "s1"), ("qkv", 10, 20, "s1"), ("attn", 5, 31, "s1"),
+              ("copy", 3, 0, "s2"), ("copy", 3, 2, "s2")]
+    total, rows = mod.kernel_gaps(events)
+    assert total == 6.0
+    assert rows[0] == (3.0, 2, "qkv -> attn") and (3.0, 1, "attn -> qkv") in rows and (0.0, 1, "copy -> copy") in rows
