@@ -138,7 +138,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             print(f"# ctx {c}: draft {1e3 * t:.3f} ms", flush=True)
             if args.profile:  # kernels per draft step, by name (--hlo-dir maps fusion names to ops)
                 cache = at(cache, c)
-                prof = profile_top(lambda: draft_steps(draft, cache, tok), n, top=args.profile_top)
+                prof = profile_top(lambda c_=cache: draft_steps(draft, c_, tok), n, top=args.profile_top)
                 cache = prof.pop("_out")[0]
                 o["draft_profile"] = prof
         if args.hlo_dir:
@@ -180,7 +180,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             print(f"# ctx {c}: round {o['round_ms']:.3f} ms", flush=True)
             if args.profile:  # kernels per round: one jitted call of `rounds` rounds under the profiler
                 jax.block_until_ready(rounds_tokens(params, draft, at(cache, c), logits, key))  # compile outside
-                prof = profile_top(lambda: rounds_tokens(params, draft, at(cache, c), logits, key), rounds,
+                prof = profile_top(lambda c_=at(cache, c): rounds_tokens(params, draft, c_, logits, key), rounds,
                                    top=args.profile_top)
                 prof.pop("_out")
                 o["round_profile"] = prof
@@ -298,7 +298,6 @@ def bench(args):
     draft = None
     if {"draft", "round"} & set(args.parts):
         draft = make_draft(params, DraftRecipe(group_size=args.weight_group))
-        dbytes_read = param_bytes(draft) - param_bytes(draft.embed)  # the embedding is gathered, not streamed
     rows = []
     n = args.steps
     g = args.gamma
