@@ -96,6 +96,30 @@ def loop_time(compiled, args, n, *inputs):
     return float(np.median(ts[1:]))
 
 
+def per_step(run, n_short: int, n_long: int, repeats: int):
+    """Seconds per step from run(k) (seconds of one call of k steps), median of `repeats` calls after
+    a warm-up. n_long = 0: per call / n_short, and None. Else the slope between n_short and n_long
+    steps, which leaves out what a call costs whatever its length (dispatching ~800 buffers: ~0.1 ms
+    of a draft step at 16 steps per call, H100, session 16), and the per-call figure at n_short."""
+    def median_call(k):
+        ts = [run(k) for _ in range(repeats + 1)]
+        return float(np.median(ts[1:]))
+    t_short = median_call(n_short)
+    if not n_long:
+        return t_short / n_short, None
+    t_long = median_call(n_long)
+    return (t_long - t_short) / (n_long - n_short), t_short / n_short
+
+
+def report(res: dict, name: str, seconds: float, per_call, label):
+    """Print a part's time (label None: no line) and keep the per-call figure beside the slope."""
+    if per_call is not None:
+        res[f"{name}_ms_per_call_avg"] = 1e3 * per_call
+    if label:
+        extra = "" if per_call is None else f" (slope; {1e3 * per_call:.3f} ms as per-call average)"
+        print(f"{label} {1e3 * seconds:.3f} ms{extra}", flush=True)
+
+
 def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
     """Per context: draft step, verify pass, full round (QuantSpec), StreamingLLM draft step."""
     from qspec_jax.hier_cache import DRAFT, TARGET
@@ -113,37 +137,41 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
         return c.replace(lengths=jnp.full((1,), context, jnp.int32))
 
     def chained(fn, n_iter, p, cache, x, context):
-        """Median per-iteration time of fn(p, cache, x) -> (cache, x), cache donated and chained."""
-        ts = []
-        for _ in range(args.repeats + 1):
+        """Seconds per iteration of fn(p, cache, x, n_iter) -> (cache, x) (cache donated and chained):
+        per call / n_iter, or with --steps-long the slope between n_iter and that many iterations
+        (`per_step`). Returns (seconds, the per-call figure or None, cache)."""
+        def run(k):
+            nonlocal cache, x
             cache = at(cache, context)
             t = time.perf_counter()
-            cache, x = fn(p, cache, x)
+            cache, x = fn(p, cache, x, jnp.int32(k))
             jax.block_until_ready(x)
-            ts.append((time.perf_counter() - t) / n_iter)
-        return float(np.median(ts[1:])), cache
+            return time.perf_counter() - t
+        t, per_call = per_step(run, n_iter, args.steps_long, args.repeats)
+        return t, per_call, cache
 
     if "draft" in args.parts:
         @functools.partial(jax.jit, donate_argnums=(1,))
-        def draft_steps(p, cache, tok):
+        def draft_steps(p, cache, tok, steps):
             def body(i, c):
                 cache, tok = c
                 pos = cache.lengths[:, None] + i % g
                 h, cache = forward(p, config, tok[:, None], pos, cache, view=DRAFT, opts=opts.for_draft())
                 return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
-            return jax.lax.fori_loop(0, n, body, (cache, tok))
+            return jax.lax.fori_loop(0, steps, body, (cache, tok))
         for o, c in zip(outs, contexts):
-            t, cache = chained(draft_steps, n, draft, cache, tok, c)
+            t, per_call, cache = chained(draft_steps, n, draft, cache, tok, c)
             o["draft_ms"] = 1e3 * t
-            print(f"# ctx {c}: draft {1e3 * t:.3f} ms", flush=True)
+            report(o, "draft", t, per_call, f"# ctx {c}: draft")
             if args.profile:  # kernels per draft step, by name (--hlo-dir maps fusion names to ops)
                 cache = at(cache, c)
-                prof = profile_top(lambda c_=cache: draft_steps(draft, c_, tok), n, top=args.profile_top)
+                prof = profile_top(lambda c_=cache: draft_steps(draft, c_, tok, jnp.int32(n)), n,
+                                   top=args.profile_top)
                 cache = prof.pop("_out")[0]
                 o["draft_profile"] = prof
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
-            text = draft_steps.lower(draft, cache, tok).compile().as_text()
+            text = draft_steps.lower(draft, cache, tok, jnp.int32(n)).compile().as_text()
             with open(os.path.join(args.hlo_dir, f"draft_steps_{args.shape}.hlo.txt"), "w") as f:
                 f.write(text)
     if "verify" in args.parts:
@@ -151,33 +179,45 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             feed = jnp.zeros((1, gv + 1), jnp.int32)
 
             @functools.partial(jax.jit, donate_argnums=(1,))
-            def verify_steps(p, cache, feed):
+            def verify_steps(p, cache, feed, steps):
                 def body(i, c):
                     cache, feed = c
                     pos = cache.lengths[:, None] + jnp.arange(feed.shape[1])
                     h, cache = forward(p, config, feed, pos, cache, view=TARGET, opts=opts)
                     # a data dependency XLA cannot fold away (argmax < vocab, so this adds 0)
                     return cache, feed + jnp.argmax(lm_logits(p, h, opts), -1).astype(jnp.int32) // config.vocab_size
-                return jax.lax.fori_loop(0, n, body, (cache, feed))
+                return jax.lax.fori_loop(0, steps, body, (cache, feed))
             for o, c in zip(outs, contexts):
-                t, cache = chained(verify_steps, n, params, cache, feed, c)
+                t, per_call, cache = chained(verify_steps, n, params, cache, feed, c)
                 o.setdefault("verify_ms_by_gamma", {})[str(gv)] = 1e3 * t
                 if gv == g:
                     o["verify_ms"] = 1e3 * t
-                print(f"# ctx {c}: verify gamma {gv} ({gv + 1} tokens) {1e3 * t:.3f} ms", flush=True)
+                report(o, f"verify_g{gv}", t, per_call, f"# ctx {c}: verify gamma {gv} ({gv + 1} tokens)")
     if "round" in args.parts:
         logits = jax.random.normal(key, (1, config.vocab_size), jnp.float32)
-        rounds_fn = functools.partial(speculative_from_prefill, config=config, gamma=g, max_new_tokens=n + 1,
-                                      method=SpecMethod.quantspec(), cache_spec=spec, sampling=GREEDY, eos_ids=(),
-                                      opts=opts)
+
+        def rounds_fn_for(tokens):
+            return functools.partial(speculative_from_prefill, config=config, gamma=g, max_new_tokens=tokens,
+                                     method=SpecMethod.quantspec(), cache_spec=spec, sampling=GREEDY, eos_ids=(),
+                                     opts=opts)
+        rounds_fn = rounds_fn_for(n + 1)
         rounds_tokens = jax.jit(lambda *a: rounds_fn(*a).tokens)  # one call of several rounds
         for o, c in zip(outs, contexts):
             res = rounds_fn(params, draft, at(cache, c), logits, key)
             rounds = int(res.stats.rounds[0])
-            o["round_ms"] = 1e3 * loop_time(lambda *a: rounds_fn(*a).tokens, args, rounds, params, draft,
-                                            at(cache, c), logits, key)
+            t_call = loop_time(lambda *a: rounds_fn(*a).tokens, args, rounds, params, draft, at(cache, c), logits,
+                               key)
+            o["round_ms"], per_call = 1e3 * t_call, None
+            if args.steps_long:  # the slope between two generation lengths (their rounds as counted)
+                long_fn = rounds_fn_for(args.steps_long + 1)
+                res_l = long_fn(params, draft, at(cache, c), logits, key)
+                rounds_l = int(res_l.stats.rounds[0])
+                t_l = loop_time(lambda *a: long_fn(*a).tokens, args, rounds_l, params, draft, at(cache, c), logits,
+                                key)
+                per_call = t_call
+                o["round_ms"] = 1e3 * (t_l * rounds_l - t_call * rounds) / max(rounds_l - rounds, 1)
             o["round_acceptance_random_weights"] = res.stats.summary(g)["acceptance_rate"]
-            print(f"# ctx {c}: round {o['round_ms']:.3f} ms", flush=True)
+            report(o, "round", o["round_ms"] / 1e3, per_call, f"# ctx {c}: round")
             if args.profile:  # kernels per round: one jitted call of `rounds` rounds under the profiler
                 jax.block_until_ready(rounds_tokens(params, draft, at(cache, c), logits, key))  # compile outside
                 prof = profile_top(lambda c_=at(cache, c): rounds_tokens(params, draft, c_, logits, key), rounds,
@@ -196,16 +236,16 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             view = StreamingView(sink=4, window=max(64, c // 4))
 
             @functools.partial(jax.jit, donate_argnums=(1,))
-            def stream_steps(p, cache, tok):
+            def stream_steps(p, cache, tok, steps):
                 def body(i, cc):
                     cache, tok = cc
                     pos = cache.lengths[:, None] + i % g
                     h, cache = forward(p, config, tok[:, None], pos, cache, view=view, opts=opts)
                     return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
-                return jax.lax.fori_loop(0, n, body, (cache, tok))
-            t, fcache = chained(stream_steps, n, params, fcache, tok, c)
+                return jax.lax.fori_loop(0, steps, body, (cache, tok))
+            t, per_call, fcache = chained(stream_steps, n, params, fcache, tok, c)
             o["stream_draft_ms"] = 1e3 * t
-            print(f"# ctx {c}: stream draft {1e3 * t:.3f} ms", flush=True)
+            report(o, "stream_draft", t, per_call, f"# ctx {c}: stream draft")
     for o, c in zip(outs, contexts):
         print(f"# ctx {c}: " + ", ".join(f"{k} {v:.3f}" for k, v in o.items() if k.endswith("ms")), flush=True)
     return outs
@@ -301,37 +341,40 @@ def bench(args):
     rows = []
     n = args.steps
     g = args.gamma
+    n_cap = max(n, args.steps_long)  # the cache holds the longer loop's tokens
     for context in args.contexts:
-        cap = context + n * (g + 1) + 2 * args.kv_group
+        cap = context + n_cap * (g + 1) + 2 * args.kv_group
         res = {"context": context, "card": dev.device_kind}
         if "ar" in args.parts:
             spec = CacheSpec(capacity=cap, kind="fp", dtype="bfloat16", spec_room=1)
             cache = random_cache(spec, config, context, key)
 
             @functools.partial(jax.jit, donate_argnums=(1,))
-            def ar_steps(p, cache, tok):
+            def ar_steps(p, cache, tok, steps):
                 def body(i, c):
                     cache, tok = c
                     pos = cache.lengths[:, None]
                     h, cache = forward(p, config, tok[:, None], pos, cache, opts=opts)
                     tok = jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
                     return cache.commit(cache.lengths + 1), tok
-                return jax.lax.fori_loop(0, n, body, (cache, tok))
+                return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
             tok = jnp.zeros((1,), jnp.int32)
-            compiled = ar_steps.lower(params, cache, tok).compile()
-            ts = []
-            for _ in range(args.repeats + 1):
+            compiled = ar_steps.lower(params, cache, tok, jnp.int32(n)).compile()
+
+            def run(k):
+                nonlocal cache, tok
                 # chain the donated cache through calls; reset the length so context stays fixed
                 cache = cache.replace(lengths=jnp.full((1,), context, jnp.int32))
                 t = time.perf_counter()
-                cache, tok = compiled(params, cache, tok)
+                cache, tok = compiled(params, cache, tok, jnp.int32(k))
                 jax.block_until_ready(tok)
-                ts.append((time.perf_counter() - t) / n)
-            step = float(np.median(ts[1:]))
+                return time.perf_counter() - t
+            step, per_call = per_step(run, n, args.steps_long, args.repeats)
+            report(res, "ar", step, per_call, None)
             if args.profile:
                 cache = cache.replace(lengths=jnp.full((1,), context, jnp.int32))
-                res["ar_profile"] = profile_top(lambda: compiled(params, cache, tok), n)
+                res["ar_profile"] = profile_top(lambda c_=cache: compiled(params, c_, tok, jnp.int32(n)), n)
                 cache = res["ar_profile"].pop("_out")[0]
             # bytes: all weights but the embedding (gathered rows), the KV cache read over the attended length
             nbytes = wbytes - params.embed.size * 2 * (0 if config.tie_word_embeddings else 1) + kv_bytes_fp(config, context)
@@ -343,7 +386,7 @@ def bench(args):
         rows.append(res)
     if {"draft", "verify", "round", "stream"} & set(args.parts):
         # one compilation at the largest context; kernels read only each row's visible length
-        cap = max(args.contexts) + n * (max([g] + args.verify_gammas) + 1) + 2 * args.kv_group
+        cap = max(args.contexts) + n_cap * (max([g] + args.verify_gammas) + 1) + 2 * args.kv_group
         for res, part in zip(rows, spec_parts(args, config, params, draft, args.contexts, cap, key, opts, n, g)):
             res.update(part)
     for res in rows:
@@ -362,6 +405,8 @@ def bench(args):
     return {"shape": args.shape, "config": dataclasses.asdict(config), "card": dev.device_kind,
             "date": time.strftime("%Y-%m-%d"), "copy_ceiling_tbps": ceiling / 1e12, "weight_bytes": wbytes,
             "rows": rows, "prefill": prefill, "peak_bytes_in_use": mem.get("peak_bytes_in_use"),
+            "timing": (f"slope between {n} and {args.steps_long} steps per call" if args.steps_long
+                       else f"per call of {n} steps / {n}"),
             "command": " ".join(sys.argv)}
 
 
@@ -371,6 +416,9 @@ def main():
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--parts", nargs="+", default=["ar"], choices=["ar", "draft", "verify", "round", "stream"])
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed loop")
+    p.add_argument("--steps-long", type=int, default=0,
+                   help="also time loops of this many steps and report the per-step slope between the two "
+                        "lengths (leaves out the per-call overhead; the per-call averages stay in the JSON)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--verify-gammas", type=int, nargs="*", default=[],
@@ -401,6 +449,8 @@ def main():
     p.add_argument("--hlo-dir", default=None, help="write the compiled draft-step loop's HLO here (fusion names)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if args.steps_long and args.steps_long <= args.steps:
+        p.error(f"--steps-long ({args.steps_long}) must exceed --steps ({args.steps})")
     if args.diagnose_no_cache_write:
         import qspec_jax.kv_cache as kvc
         kvc.write_rows = lambda buf, new, start: buf

@@ -65,7 +65,8 @@ def main():
     ar_rows = {r["context"]: r for r in json.load(open(args.ar or args.decode))["rows"] if "ar_ms" in r}
     weights = dec["weight_bytes"] - dec["config"]["vocab_size"] * dec["config"]["hidden_size"] * 2
     acc, plen = acceptance_by_gamma(args.acceptance)
-    print(f"card: {dec['card']}; date {dec['date']}; AR baseline from {args.ar or args.decode}")
+    print(f"card: {dec['card']}; date {dec['date']}; AR baseline from {args.ar or args.decode}; step times: "
+          f"{dec.get('timing', 'per call / steps per call')}")
     print(f"acceptance: a = 0.9, and PG-19 QuantSpec acceptance at {plen}-token prompts: "
           + ", ".join(f"g{g} {a:.3f}" for g, a in sorted(acc.items())))
     print()

@@ -770,14 +770,34 @@ def test_qkv_to_cache_bad_inputs_raise():
 
 
 
+def _bench_decode(monkeypatch):
+    import importlib.util
+    monkeypatch.syspath_prepend("scripts")  # bench_decode imports bench_kernels from its own folder
+    spec = importlib.util.spec_from_file_location("bench_decode_under_test", "scripts/bench_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_per_step_time_leaves_out_the_per_call_cost(monkeypatch):
+    """bench_decode's --steps-long: the slope between two loop lengths is the step's time whatever a
+    call costs besides; without it, per call / steps (which carries that cost)."""
+    mod = _bench_decode(monkeypatch)
+    calls = []
+
+    def run(k):  # a call of k steps: 5 units of dispatch + 2 per step; the first call (warm-up) slower
+        calls.append(k)
+        return 5.0 + 2.0 * k + (100.0 if len(calls) == 1 else 0.0)
+    step, per_call = mod.per_step(run, 4, 12, repeats=3)
+    assert step == 2.0 and per_call == (5.0 + 8.0) / 4
+    assert calls == [4] * 4 + [12] * 4
+    assert mod.per_step(lambda k: 5.0 + 2.0 * k, 4, 0, repeats=1) == ((5.0 + 8.0) / 4, None)
+
+
 def test_kernel_gaps_sums_the_idle_time_between_a_streams_kernels(monkeypatch):
     """bench_decode's profile helper: the idle time before each kernel on its own stream, summed by
     the (previous, next) pair; overlapping kernels count as no gap."""
-    import importlib.util
-    monkeypatch.syspath_prepend("scripts")  # bench_decode imports bench_kernels from its own folder
-    spec = importlib.util.spec_from_file_location("bench_decode_for_gaps", "scripts/bench_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_decode(monkeypatch)
     events = [("qkv", 10, 0, "s1"), ("attn", 5, 12, "s1"), ("qkv", 10, 20, "s1"), ("attn", 5, 31, "s1"),
               ("copy", 3, 0, "s2"), ("copy", 3, 2, "s2")]
     total, rows = mod.kernel_gaps(events)
