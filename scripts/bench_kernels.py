@@ -446,6 +446,8 @@ def qkv_cache_op(args):
 def at_kwargs(args, over=None):
     kw = dict(block_k=args.at_block_k, block_kb=args.at_block_kb, num_splits=args.at_splits,
               num_warps=args.at_warps, num_stages=args.at_stages, unpack=args.at_unpack)
+    if args.at_history != "triton":  # the Mosaic GPU kernel (what the decoder runs on sm_90)
+        kw["history"] = args.at_history
     if args.interpret:
         kw["interpret"] = True
     kw.update(over or {})
@@ -550,7 +552,7 @@ def time_attention(args, ctx, t, use_lower, kw, *, xla=True, tag="main"):
             return hier_attention(q, ku, kl, ks, km, vu, vl, vs, vm, bk_, bv_, pos, bst, group_size=128,
                                   use_lower=use_lower, **kw)
 
-        res = time_calls(fn, sets, reps=args.reps, main_kernel=("hier_attention", "attn_kernel"))
+        res = time_calls(fn, sets, reps=args.reps, main_kernel=("hier_attention", "attn_kernel", "mosaic_gpu"))
         med = res["kernel_s"]
         rec.update(time_s=med, kernel_s=res["main_s"], kernels=res["kernels"], wall_s=res["wall_s"],
                    tb_s=nbytes / med / 1e12, copies=len(sets), breakdown=res.get("breakdown"))
@@ -718,6 +720,9 @@ def main():
     ap.add_argument("--at-warps", type=int, default=4)
     ap.add_argument("--at-stages", type=int, default=None)
     ap.add_argument("--at-unpack", default="auto")
+    ap.add_argument("--at-history", default="triton", choices=["triton", "mosaic"],
+                    help="hier_attention's history kernel for the attention tables (mosaic: sm_90, the "
+                         "decoder's default there; the block options above are Triton's)")
     args = ap.parse_args()
     args.interpret = args.smoke or args.dry_run
     if args.only_fused or args.qkv_cache:
