@@ -440,6 +440,8 @@ def _rope_cache_epilogue(rope, r, ys, refs, head, c_in, q_out, bk_out, bv_out, d
     """Row r's two [1, bn] halves of one head -> qkv_to_cache's stores, with its arithmetic: the
     projections rounded to their dtype (and the bias added), rope in float32 rounded to the
     dtype, the queries then scaled; keys and values into the buffer at the row's slot."""
+    from pallas_kernels.qkv_to_cache import rope_halves
+
     f32 = jnp.float32
     cos_ref, sin_ref, slot_ref, *rest = refs
     b_ref = rest[0] if rope.bias else None
@@ -454,7 +456,7 @@ def _rope_cache_epilogue(rope, r, ys, refs, head, c_in, q_out, bk_out, bv_out, d
     x1, x2 = (v.astype(f32) for v in x)
     c1, c2 = (cos_ref[pl.ds(r, 1), c] for c in sides)
     s1, s2 = (sin_ref[pl.ds(r, 1), c] for c in sides)
-    roped = ((x1 * c1 + (-x2) * s1).astype(dtype), (x2 * c2 + x1 * s2).astype(dtype))
+    roped = rope_halves(x1, x2, c1, c2, s1, s2, dtype)
     slot = slot_ref[r]
     ok = jnp.full((1, bn), slot < rope.slots)
 
@@ -591,6 +593,27 @@ def activation_words(x3):
     return lax.bitcast_convert_type(pairs, jnp.uint32)
 
 
+def _groups(a, ng: int, group_size: int):
+    """[R, K] -> [R, ng, G], K zero-padded to ng * G (a ragged last group)."""
+    k = a.shape[1]
+    return (a if k == ng * group_size else jnp.pad(a, ((0, 0), (0, ng * group_size - k)))).reshape(
+        a.shape[0], ng, group_size)
+
+
+def _reduce_operands(x3, packed, norm_weight, residual, fma16: bool):
+    """The "reduce" kernel's operands after x3 and before its outputs, in the order `_int4_kernel`
+    takes its refs: (packed, uint32 words of four codes with fma16; [the norm weight [1, ng, G]],
+    [residual], and with fma16 x's words [and the norm weight's])."""
+    gw3 = None if norm_weight is None else _groups(norm_weight.reshape(1, -1), x3.shape[1], x3.shape[2])
+    extra = [a for a in (gw3, residual) if a is not None]
+    if fma16:
+        packed = words32(packed)  # [N, ng, G/8]: four bytes per word, same memory
+        extra.append(activation_words(x3))
+        if gw3 is not None:
+            extra.append(activation_words(gw3.astype(x3.dtype)))
+    return packed, extra
+
+
 def resolve_path(m: int, path: str, block_n, groups_per_step, n: int | None = None):
     """(path, block_n, groups_per_step) where the caller left "auto" / None: M <= 2 takes the
     CUDA-core "reduce" kernel (block_n 16, 8 groups per step; M = 1: 16 groups per step, and
@@ -684,9 +707,7 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
     if prefetch is None:  # long K only (H100, session 10: down 16.1 -> 15.3 us, qkv 8.0 -> 10.6 us)
         prefetch = path == "reduce" and m == 1 and steps >= PREFETCH_MIN_STEPS
     g_ragged = gps % gpb != 0 or ng % gps != 0  # some step reads groups past its split's end
-    pad_k = ((0, 0), (0, ng * group_size - k))
-    xp = x if k == ng * group_size else jnp.pad(x, pad_k)
-    x3 = xp.reshape(m, ng, group_size)
+    x3 = _groups(x, ng, group_size)
     split_out = splits > 1
     extra = []
     if path == "dot":
@@ -698,22 +719,12 @@ def int4_matmul(x, packed, scale, minimum, *, group_size: int, block_n: int | No
                                    asm=asm and not interpret)
     else:
         out_shape = (splits, m, n) if split_out else (m, n_out)
-        if norm_weight is not None:
-            gw = norm_weight.reshape(1, k)
-            gw3 = (gw if k == ng * group_size else jnp.pad(gw, pad_k)).reshape(1, ng, group_size)
-            extra.append(gw3)
-        if residual is not None and not split_out:
-            extra.append(residual)
         if fma16 is None:
             fma16 = bool(asm) and jnp.dtype(x.dtype) in SUPPORTED_DTYPES[:2]
         f16dt = jnp.dtype(x.dtype) if fma16 else None
-        if fma16:
-            if f16dt not in SUPPORTED_DTYPES[:2]:
-                raise Int4ShapeError(f"fma16 needs bfloat16 or float16 activations, got {f16dt}")
-            packed = words32(packed)  # [N, ng, G/8]: four bytes per word, same memory
-            extra.append(activation_words(x3))
-            if norm_weight is not None:
-                extra.append(activation_words(gw3.astype(x.dtype)))
+        if fma16 and f16dt not in SUPPORTED_DTYPES[:2]:
+            raise Int4ShapeError(f"fma16 needs bfloat16 or float16 activations, got {f16dt}")
+        packed, extra = _reduce_operands(x3, packed, norm_weight, None if split_out else residual, fma16)
         kernel = functools.partial(_int4_kernel, m=m, n=n_out, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=gps,
                                    steps=steps, n_ragged=n_out % block_n != 0, g_ragged=g_ragged,
                                    split_out=split_out, prefetch=prefetch,
@@ -755,14 +766,12 @@ def int4_qkv_to_cache(x, packed, scale, minimum, norm_weight, cos, sin, buf_k, b
     Program j owns channels [c, c + block_n) and [c + D/2, +block_n) of head j // P (P = D / 2 /
     block_n programs per head): the rotary pairs, so the rope needs nothing from another program.
     The loop is `int4_matmul`'s ("reduce" path, no split-K); only the epilogue differs."""
-    from pallas_kernels.qkv_to_cache import LOG2E, QkvToCacheError, query_rows_count
+    from pallas_kernels.qkv_to_cache import QkvToCacheError, query_layout
 
     m, k = x.shape
     n, ng, half = packed.shape
     h, kvh = num_heads, num_kv_heads
-    if kvh < 1 or h % kvh or n % (h + 2 * kvh):
-        raise QkvToCacheError(f"{n} columns are not (H + 2 KVH) * D for H={h}, KVH={kvh}")
-    d = n // (h + 2 * kvh)
+    d, _, rows, mosaic, q_type, q_scale = query_layout(n, m, 1, h, kvh, buf_k, buf_v, q_layout, sm_scale)
     group = 2 * half
     if groups_per_step is None:
         groups_per_step = M1_GROUPS_PER_STEP if m == 1 else DEFAULT_GROUPS_PER_STEP
@@ -772,39 +781,19 @@ def int4_qkv_to_cache(x, packed, scale, minimum, norm_weight, cos, sin, buf_k, b
         raise QkvToCacheError(f"head_dim {d}: half of it must be a multiple of block_n {block_n}")
     if cos.shape != (m, d) or sin.shape != (m, d):
         raise QkvToCacheError(f"cos / sin must be [M, D] = [{m}, {d}], got {cos.shape}, {sin.shape}")
-    if buf_k.shape != buf_v.shape or buf_k.shape[:2] != (m, kvh) or buf_k.shape[3] != d:
-        raise QkvToCacheError(f"buffers must be [M, KVH, Sb, D] = [{m}, {kvh}, Sb, {d}], got {buf_k.shape}, "
-                              f"{buf_v.shape}")
     if slot.shape != (m,) or tuple(norm_weight.shape) != (k,) or (bias is not None and bias.shape != (n,)):
         raise QkvToCacheError(f"slot [M], norm_weight [K] and bias [N] expected, got {slot.shape}, "
                               f"{norm_weight.shape}, {None if bias is None else bias.shape}")
-    r = h // kvh
-    rows = query_rows_count(1, r)
-    if q_layout not in ("rows", "mosaic") or (q_layout == "mosaic" and rows > 32):
-        raise QkvToCacheError(f"q_layout must be 'rows' or 'mosaic' (R <= 32), got {q_layout!r} with R = {r}")
-    mosaic = q_layout == "mosaic"
-    if mosaic:
-        from pallas_kernels.mgpu_attention import row_tile
-        rows = row_tile(rows)
-    q_type = (jax.ShapeDtypeStruct((m, kvh, 2, rows, d // 2), jnp.float16) if mosaic
-              else jax.ShapeDtypeStruct((m, kvh, rows, d), jnp.float32))
     asm = interpret or ptx_available()
     fma16 = bool(asm) and jnp.dtype(x.dtype) in SUPPORTED_DTYPES[:2]
     gpb = min(groups_per_step, _next_pow2(ng))
     steps = -(-ng // gpb)
-    pad_k = ((0, 0), (0, ng * group - k))
-    x3 = (x if k == ng * group else jnp.pad(x, pad_k)).reshape(m, ng, group)
-    gw3 = (norm_weight.reshape(1, k) if k == ng * group else jnp.pad(norm_weight.reshape(1, k), pad_k)).reshape(
-        1, ng, group)
-    extra = [gw3]
-    if fma16:
-        packed = words32(packed)
-        extra += [activation_words(x3), activation_words(gw3.astype(x.dtype))]
+    x3 = _groups(x, ng, group)
+    packed, extra = _reduce_operands(x3, packed, norm_weight, None, fma16)
     extra += [cos.astype(jnp.float32), sin.astype(jnp.float32), slot.astype(jnp.int32)]
     extra += [] if bias is None else [bias]
-    rope = _RopeCache(num_heads=h, num_kv_heads=kvh, head_dim=d, rows=rows, slots=buf_k.shape[2],
-                      scale=(d ** -0.5 if sm_scale is None else sm_scale) * LOG2E, bias=bias is not None,
-                      mosaic=mosaic)
+    rope = _RopeCache(num_heads=h, num_kv_heads=kvh, head_dim=d, rows=rows, slots=buf_k.shape[2], scale=q_scale,
+                      bias=bias is not None, mosaic=mosaic)
     kernel = functools.partial(_int4_kernel, m=m, n=n, ng=ng, half=half, block_n=block_n, gpb=gpb, gps=ng,
                                steps=steps, n_ragged=False, g_ragged=ng % gpb != 0, split_out=False,
                                prefetch=m == 1 and steps >= PREFETCH_MIN_STEPS,

@@ -61,6 +61,33 @@ def query_rows(q, num_kv_heads: int, sm_scale: float):
     return jnp.pad(qf.reshape(b, num_kv_heads, t * r, d), ((0, 0), (0, 0), (0, pad), (0, 0)))
 
 
+def rope_halves(x1, x2, c1, c2, s1, s2, dtype):
+    """apply_rope on a head's two channel halves in float32, rounded to dtype (the kernels' form:
+    x * cos + rotate_half(x) * sin)."""
+    return (x1 * c1 + (-x2) * s1).astype(dtype), (x2 * c2 + x1 * s2).astype(dtype)
+
+
+def query_layout(n: int, b: int, t: int, h: int, kvh: int, buf_k, buf_v, q_layout: str, sm_scale):
+    """The checks and the query output shared by `qkv_to_cache` and the draft's fused projection
+    (`int4_matmul.int4_qkv_to_cache`): n = (H + 2 KVH) * D projection columns, buffers [B, KVH, Sb,
+    D], T new tokens per row. -> (D, R, query rows, mosaic?, the query output's type, the query
+    scale sm_scale * log2(e)); QkvToCacheError for anything else."""
+    err = QkvToCacheError
+    if kvh < 1 or h % kvh or n % (h + 2 * kvh):
+        raise err(f"{n} columns are not (H + 2 KVH) * D for H={h}, KVH={kvh}")
+    d = n // (h + 2 * kvh)
+    if buf_k.shape != buf_v.shape or buf_k.shape[:2] != (b, kvh) or buf_k.shape[3] != d:
+        raise err(f"buffers must be [B, KVH, Sb, D] = [{b}, {kvh}, Sb, {d}], got {buf_k.shape}, {buf_v.shape}")
+    r = h // kvh
+    rows = query_rows_count(t, r)
+    if q_layout not in ("rows", "mosaic") or (q_layout == "mosaic" and rows > 32):
+        raise err(f"q_layout must be 'rows' or 'mosaic' (T * R <= 32), got {q_layout!r} with T * R = {t * r}")
+    mosaic = q_layout == "mosaic"
+    q_type = (jax.ShapeDtypeStruct((b, kvh, 2, rows, d // 2), jnp.float16) if mosaic
+              else jax.ShapeDtypeStruct((b, kvh, rows, d), jnp.float32))
+    return d, r, rows, mosaic, q_type, (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
+
+
 def qkv_to_cache_reference(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_heads: int,
                            sm_scale: float | None = None, q_layout: str = "rows"):
     """qkv [B, T, (H + 2 KVH) * D] (q | k | v columns), cos / sin f32 [B, T, D], buffers
@@ -98,7 +125,7 @@ def _kernel(qkv_ref, cos_ref, sin_ref, slot_ref, _bk_in, _bv_in, q_ref, bk_ref, 
           for c in sides]
 
     def rope(x1, x2):  # apply_rope's float32 products and add, rounded to the projections' dtype
-        return (x1 * c1 + (-x2) * s1).astype(dtype), (x2 * c2 + x1 * s2).astype(dtype)
+        return rope_halves(x1, x2, c1, c2, s1, s2, dtype)
 
     ok = jnp.full((half,), slot + ti < sb)
     for ref, vals in ((bk_ref, rope(*kx)), (bv_ref, vx)):
@@ -132,23 +159,11 @@ def qkv_to_cache(qkv, cos, sin, buf_k, buf_v, slot, *, num_heads: int, num_kv_he
         raise err(f"qkv must be [B, T, N] and cos / sin [B, T, D]: {qkv.shape}, {cos.shape}, {sin.shape}")
     b, t, n = qkv.shape
     h, kvh = num_heads, num_kv_heads
-    if kvh < 1 or h % kvh or n % (h + 2 * kvh):
-        raise err(f"{n} columns are not (H + 2 KVH) * D for H={h}, KVH={kvh}")
-    d = n // (h + 2 * kvh)
+    d, r, rows, mosaic, q_type, scale = query_layout(n, b, t, h, kvh, buf_k, buf_v, q_layout, sm_scale)
     if d % 2 or d & (d - 1) or cos.shape[2] != d:
         raise err(f"head_dim {d} must be a power of 2 matching cos / sin ({cos.shape[2]})")
-    if buf_k.shape != buf_v.shape or buf_k.shape[:2] != (b, kvh) or buf_k.shape[3] != d:
-        raise err(f"buffers must be [B, KVH, Sb, D] = [{b}, {kvh}, Sb, {d}], got {buf_k.shape}, {buf_v.shape}")
     if slot.shape != (b,):
         raise err(f"slot must be [B] = ({b},), got {slot.shape}")
-    r = h // kvh
-    rows = query_rows_count(t, r)
-    if q_layout not in ("rows", "mosaic") or (q_layout == "mosaic" and rows > 32):
-        raise err(f"q_layout must be 'rows' or 'mosaic' (T * R <= 32), got {q_layout!r} with T * R = {t * r}")
-    mosaic = q_layout == "mosaic"
-    q_type = (jax.ShapeDtypeStruct((b, kvh, 2, rows, d // 2), jnp.float16) if mosaic
-              else jax.ShapeDtypeStruct((b, kvh, rows, d), jnp.float32))
-    scale = (d ** -0.5 if sm_scale is None else sm_scale) * LOG2E
     kernel = functools.partial(_kernel, t=t, h=h, kvh=kvh, r=r, r_pad=_next_pow2(r), half=d // 2, rows=rows,
                                sb=buf_k.shape[2], scale=scale, dtype=qkv.dtype, mosaic=mosaic)
     params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
