@@ -129,7 +129,9 @@ def dequant(x, lower, low, high, interpret: bool, stats_axis: int = 1):
         return tuple(plgpu.layout_cast(_codes(x, lower, h).astype(jnp.float16) * bc(sc) + bc(mn), WGMMA)
                      for h, (sc, mn) in ((False, low), (True, high)))
     if lower is None:  # the codes come as f16 64 + c: (s, mn - 64 s) (f16x2 arithmetic: 64 s exact, one rounding)
-        low, high = ((st[0], st[1] - st[0] * jnp.float16(64)) for st in (low, high))
+        offset = lambda st: (st[0], st[1] - st[0] * jnp.float16(64))  # noqa: E731
+        # (the values pass one statistics pair for both halves: offset it once)
+        low, high = (offset(low),) * 2 if high is low else (offset(low), offset(high))
     planes = [plgpu.layout_cast(x, WGMMA)] + ([] if lower is None else [plgpu.layout_cast(lower, WGMMA)])
     return unpack_asm(x.shape, len(planes))(*planes, bc(low[0]), bc(low[1]), bc(high[0]), bc(high[1]))
 
