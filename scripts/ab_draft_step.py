@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """A/B of the draft step under several `ForwardOptions` in one process (GPU).
 
-Builds the Llama-3.1-8B-shaped draft (random weights; `--shape`: bench_decode's shapes) and, per context, one jitted loop of
-`--steps` draft steps per variant over the same random hierarchical cache; the variants' loops
-are timed interleaved (the order flips every repetition, the first repetition is warm-up), then
+Builds the Llama-3.1-8B-shaped draft (random weights; `--shape`: bench_decode's shapes) and, per
+context, bench_decode's draft-step loop (`draft_steps_fn`, `--steps` steps per call) per variant
+over the same random hierarchical cache; the variants' loops are timed interleaved (the order flips every repetition, the first repetition is warm-up), then
 each is profiled once (device kernel time, kernel count and the idle time between kernels per step,
 with the largest idle gaps by kernel pair: `bench_decode.kernel_gaps`). Per-step medians are the
 comparison: two runs of the same code on two machines differ by more than most changes (up to
@@ -34,8 +34,7 @@ import numpy as np  # noqa: E402
 import bench_decode  # noqa: E402
 from qspec_jax.cache_spec import CacheSpec  # noqa: E402
 from qspec_jax.draft import DraftRecipe, make_draft  # noqa: E402
-from qspec_jax.hier_cache import DRAFT  # noqa: E402
-from qspec_jax.model import ForwardOptions, forward, init_random_params, lm_logits  # noqa: E402
+from qspec_jax.model import ForwardOptions, init_random_params  # noqa: E402
 
 
 def parse_options(text: str) -> ForwardOptions:
@@ -51,6 +50,7 @@ def main():
     ap.add_argument("--shape", choices=sorted(bench_decode.SHAPES), default="llama3-8b")
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--steps", type=int, default=16, help="draft steps per timed call")
+    ap.add_argument("--gamma", type=int, default=3, help="positions cycle through gamma slots (bench_decode's loop)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per variant (after one warm-up)")
     ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "OPTIONS"), required=True)
     args = ap.parse_args()
@@ -66,28 +66,19 @@ def main():
         cache = bench_decode.random_cache(spec, config, ctx, key)
         tok = jnp.zeros((1,), jnp.int32)
 
-        def loop(opts):
-            def steps(p, cache, tok):
-                def body(i, c):
-                    cache, tok = c
-                    pos = cache.lengths[:, None] + i % 4
-                    h, cache = forward(p, config, tok[:, None], pos, cache, view=DRAFT, opts=opts)
-                    return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
-                return jax.lax.fori_loop(0, n, body, (cache, tok))
-            return jax.jit(steps, donate_argnums=(1,))
-        fns = {name: loop(opts) for name, opts in variants.items()}
+        fns = {name: bench_decode.draft_steps_fn(config, opts, args.gamma) for name, opts in variants.items()}
         times = {name: [] for name in fns}
         for r in range(args.repeats + 1):
             for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
                 cache = cache.replace(lengths=jnp.full((1,), ctx, jnp.int32))
                 t0 = time.perf_counter()
-                cache, tok = fns[name](draft, cache, tok)
+                cache, tok = fns[name](draft, cache, tok, jnp.int32(n))
                 jax.block_until_ready(tok)
                 if r:
                     times[name].append((time.perf_counter() - t0) / n * 1e3)
         for name, fn in fns.items():
             cache = cache.replace(lengths=jnp.full((1,), ctx, jnp.int32))
-            prof = bench_decode.profile_top(lambda fn=fn, c=cache: fn(draft, c, tok), n, top=10)
+            prof = bench_decode.profile_top(lambda fn=fn, c=cache: fn(draft, c, tok, jnp.int32(n)), n, top=10)
             cache = prof.pop("_out")[0]
             med = float(np.median(times[name]))
             results[f"{ctx}/{name}"] = dict(context=ctx, variant=name, step_ms=times[name], median_ms=med,

@@ -120,9 +120,26 @@ def report(res: dict, name: str, seconds: float, per_call, label):
         print(f"{label} {1e3 * seconds:.3f} ms{extra}", flush=True)
 
 
+def draft_steps_fn(config, opts, gamma: int):
+    """The timed draft-step loop (also `scripts/ab_draft_step.py`'s): jitted (draft params, cache,
+    token [B], steps) -> (cache, token), the cache donated; the steps' positions cycle through gamma
+    slots past the committed length, as a round's draft steps do, and each feeds its argmax on."""
+    from qspec_jax.hier_cache import DRAFT
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def draft_steps(p, cache, tok, steps):
+        def body(i, c):
+            cache, tok = c
+            pos = cache.lengths[:, None] + i % gamma
+            h, cache = forward(p, config, tok[:, None], pos, cache, view=DRAFT, opts=opts.for_draft())
+            return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, steps, body, (cache, tok))
+    return draft_steps
+
+
 def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
     """Per context: draft step, verify pass, full round (QuantSpec), StreamingLLM draft step."""
-    from qspec_jax.hier_cache import DRAFT, TARGET
+    from qspec_jax.hier_cache import TARGET
     from qspec_jax.kv_cache import StreamingView
     from qspec_jax.speculative import speculative_from_prefill
 
@@ -151,14 +168,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
         return t, per_call, cache
 
     if "draft" in args.parts:
-        @functools.partial(jax.jit, donate_argnums=(1,))
-        def draft_steps(p, cache, tok, steps):
-            def body(i, c):
-                cache, tok = c
-                pos = cache.lengths[:, None] + i % g
-                h, cache = forward(p, config, tok[:, None], pos, cache, view=DRAFT, opts=opts.for_draft())
-                return cache, jnp.argmax(lm_logits(p, h[:, 0], opts), -1).astype(jnp.int32)
-            return jax.lax.fori_loop(0, steps, body, (cache, tok))
+        draft_steps = draft_steps_fn(config, opts, g)
         for o, c in zip(outs, contexts):
             t, per_call, cache = chained(draft_steps, n, draft, cache, tok, c)
             o["draft_ms"] = 1e3 * t
