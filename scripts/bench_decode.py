@@ -235,6 +235,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
                 prof.pop("_out")
                 o["round_profile"] = prof
         if args.hlo_dir:  # the compiled round loop (fusion names of the round profile)
+            os.makedirs(args.hlo_dir, exist_ok=True)
             text = rounds_tokens.lower(params, draft, at(cache, contexts[0]), logits, key).compile().as_text()
             with open(os.path.join(args.hlo_dir, f"rounds_{args.shape}.hlo.txt"), "w") as fh:
                 fh.write(text)
@@ -289,9 +290,11 @@ def profile_top(call, n_steps, top=25):
     sess = _profiler.ProfilerSession()
     out = call()
     jax.block_until_ready(out)
-    timed_events = _gpu_kernel_events(sess.stop(), with_times=True)
+    copies = []
+    timed_events = _gpu_kernel_events(sess.stop(), with_times=True, copies=copies)
     events = [(nm, d) for nm, d, _, _ in timed_events]
     gap_ns, gap_rows = kernel_gaps(timed_events)
+    copy_ns = sum(d for _, d, _, _ in copies)
     by = {}
     for nm, d in events:
         key = nm[:80]
@@ -300,14 +303,16 @@ def profile_top(call, n_steps, top=25):
     rows = sorted(by.items(), key=lambda kv: -kv[1][0])[:top]
     total = sum(t for t, _ in by.values())
     print(f"#   profile: {total * 1e3:.3f} ms of kernels per step, {len(events) / n_steps:.0f} kernels per step, "
-          f"{gap_ns * 1e-6 / n_steps:.3f} ms idle between them")
+          f"{gap_ns * 1e-6 / n_steps:.3f} ms idle between them; {len(copies) / n_steps:.1f} memcpy / memset per "
+          f"step, {copy_ns * 1e-6 / n_steps:.3f} ms")
     for nm, (t, c) in rows:
         print(f"#   {t * 1e6:9.1f} us  x{c:5.1f}  {nm}")
     for g, c, pair in gap_rows:
         print(f"#   idle {g * 1e-3 / n_steps:7.1f} us per step over {c / n_steps:5.1f} gaps ({g / max(c, 1):6.0f} ns "
               f"each): {pair}")
     return {"kernel_ms_per_step": total * 1e3, "kernels_per_step": len(events) / n_steps,
-            "idle_ms_per_step": gap_ns * 1e-6 / n_steps,
+            "idle_ms_per_step": gap_ns * 1e-6 / n_steps, "copies_per_step": len(copies) / n_steps,
+            "copy_ms_per_step": copy_ns * 1e-6 / n_steps,
             "idle_top": [(pair, g * 1e-3 / n_steps, c / n_steps) for g, c, pair in gap_rows],
             "top": [(nm, t * 1e6, c) for nm, (t, c) in rows], "_out": out}
 
@@ -412,7 +417,7 @@ def bench(args):
         prefill = {"tokens": t_len, "seconds": secs, "tokens_per_s": t_len / secs}
         print(f"# prefill {t_len} tokens: {secs:.2f} s ({t_len / secs:.0f} tok/s)", flush=True)
     mem = dev.memory_stats() or {}
-    return {"shape": args.shape, "config": dataclasses.asdict(config), "card": dev.device_kind,
+    return {"shape": args.shape, "config": dataclasses.asdict(config), "card": dev.device_kind, "gamma": g,
             "date": time.strftime("%Y-%m-%d"), "copy_ceiling_tbps": ceiling / 1e12, "weight_bytes": wbytes,
             "rows": rows, "prefill": prefill, "peak_bytes_in_use": mem.get("peak_bytes_in_use"),
             "timing": (f"slope between {n} and {args.steps_long} steps per call" if args.steps_long

@@ -126,9 +126,10 @@ def n_copies(nbytes: int, cap: int) -> int:
     return int(max(1, min(cap, math.ceil(4 * L2_BYTES / max(nbytes, 1)))))
 
 
-def _gpu_kernel_events(xspace: bytes, with_times: bool = False):
+def _gpu_kernel_events(xspace: bytes, with_times: bool = False, copies: list | None = None):
     """(name, duration_ns) of the device kernels in a serialized XSpace; with_times: (name,
-    duration_ns, start_ns, stream line name)."""
+    duration_ns, start_ns, stream line name). copies: a list that receives the memcpy / memset
+    events (the same tuples), which are not kernels."""
     from jax._src import profiler as _prof
     data = _prof.ProfileData.from_serialized_xspace(xspace)
     events, lines_seen = [], set()
@@ -143,6 +144,9 @@ def _gpu_kernel_events(xspace: bytes, with_times: bool = False):
             for ev in ln.events:
                 nm = ev.name
                 if nm.lower().startswith(("memcpy", "memset")):
+                    if copies is not None:
+                        copies.append((nm, float(ev.duration_ns), float(ev.start_ns), ln.name) if with_times
+                                      else (nm, float(ev.duration_ns)))
                     continue
                 events.append((nm, float(ev.duration_ns), float(ev.start_ns), ln.name) if with_times
                               else (nm, float(ev.duration_ns)))

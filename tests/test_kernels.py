@@ -803,3 +803,35 @@ def test_kernel_gaps_sums_the_idle_time_between_a_streams_kernels(monkeypatch):
     total, rows = mod.kernel_gaps(events)
     assert total == 6.0
     assert rows[0] == (3.0, 2, "qkv -> attn") and (3.0, 1, "attn -> qkv") in rows and (0.0, 1, "copy -> copy") in rows
+
+
+def test_report_speedup_projects_from_the_measured_times(tmp_path, monkeypatch, capsys):
+    """report_speedup's projection: Omega(a, gamma) * t_AR / (gamma * t_draft + t_verify), the best
+    gamma, and the same with bench_decode's measured round; the ideal from the byte model."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("report_speedup_under_test", "scripts/report_speedup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = {"vocab_size": 1000, "hidden_size": 64}
+    row = {"context": 32768, "ar_ms": 8.0, "draft_ms": 2.5, "verify_ms": 6.5, "round_ms": 15.0,
+           "verify_ms_by_gamma": {"2": 6.4, "3": 6.5}}
+    dec = {"card": "test card", "date": "2026-11-27", "config": cfg, "weight_bytes": 16e9 + 1000 * 64 * 2,
+           "rows": [row], "command": "bench_decode.py --gamma 3"}  # (no "gamma" key: read from the command)
+    path = tmp_path / "decode.json"
+    path.write_text(json.dumps(dec))
+    monkeypatch.setattr("sys.argv", ["report_speedup.py", "--decode", str(path)])
+    mod.main()
+    out = capsys.readouterr().out
+    om3 = (1 - 0.9 ** 4) / 0.1
+    s2, s3 = (1 - 0.9 ** 3) / 0.1 * 8.0 / (2 * 2.5 + 6.4), om3 * 8.0 / (3 * 2.5 + 6.5)
+    assert s3 > s2  # so gamma 3 is the best
+    cd, cv, _ = mod.byte_costs(32768, 16e9)
+    ideal3 = om3 / (3 * cd + cv)
+    best = [ln for ln in out.splitlines() if ln.startswith("| 32K | 3 |") and "of ideal) |" in ln]
+    assert len(best) == 1, out
+    cells = [c.strip() for c in best[0].split("|")[1:-1]]
+    assert cells[2] == f"{s3:.2f}x" and cells[3] == f"{ideal3:.2f}x" and cells[4] == f"{100 * s3 / ideal3:.0f}%"
+    by_round = om3 * 8.0 / 15.0
+    assert cells[6] == f"{by_round:.2f}x ({100 * by_round / ideal3:.0f}%)"
+    assert f"{s2:.2f}x" in out
