@@ -318,9 +318,18 @@ class HierCache:
         bs_old, bs_new = buffer_start(old, g), buffer_start(new, g)
         start = g * (old // g)  # absolute position of the completing group
         off = start - bs_old  # its buffer offset
-        kg = _slice_rows(lc.buf_k, off, g, 2)  # [B, KVH, G, D]
-        vg = _slice_rows(lc.buf_v, off, g, 2)
-        ku, kl, ks, km = kv_quant.quantize_keys(kg, g)
+        sb = lc.buf_k.shape[2]
+        shift = (bs_new - bs_old)[:, None, None, None] > 0
+
+        def head(buf):  # slots [0, Sb - g) after the flush: [g, Sb) where the buffer shifts (the last g
+            # slots stay as they were, past the valid range either way)
+            return jnp.where(shift, jax.lax.slice_in_dim(buf, g, sb, axis=2), jax.lax.slice_in_dim(buf, 0, sb - g, axis=2))
+        # Every read of the buffers goes through one optimization_barrier before their in-place writes,
+        # so XLA sees the reads ordered first. Without it (and with a jnp.roll for the shift) XLA
+        # copied every layer's two buffers after the lax.cond in every round, flush or not.
+        kg, vg, head_k, head_v = jax.lax.optimization_barrier(
+            (_slice_rows(lc.buf_k, off, g, 2), _slice_rows(lc.buf_v, off, g, 2), head(lc.buf_k), head(lc.buf_v)))
+        ku, kl, ks, km = kv_quant.quantize_keys(kg, g)  # kg, vg: [B, KVH, G, D]
         vu, vl, vs, vm = kv_quant.quantize_values(vg, g)
         vu, vl = (kv_quant.values_token_minor(_row_major(p), g) for p in (vu, vl))  # one block
 
@@ -329,18 +338,14 @@ class HierCache:
             sel = jnp.where(completes.reshape((-1,) + (1,) * (upd.ndim - 1)), upd.astype(store.dtype), cur)
             return _update_rows(store, sel, pos, 2)
 
-        lc = lc.replace(
+        return lc.replace(
             k_upper=put(lc.k_upper, ku, start), k_lower=put(lc.k_lower, kl, start),
             k_scale=put(lc.k_scale, ks, start // g), k_min=put(lc.k_min, km, start // g),
             v_upper=_row_major(put(lc.v_upper, vu, start // g)),
             v_lower=_row_major(put(lc.v_lower, vl, start // g)),
-            v_scale=put(lc.v_scale, vs, start), v_min=put(lc.v_min, vm, start))
-        shift = (bs_new - bs_old)[:, None, None, None] > 0
-
-        def shifted(buf):
-            return jnp.where(shift, jnp.roll(buf, -g, axis=2), buf)
-
-        return lc.replace(buf_k=shifted(lc.buf_k), buf_v=shifted(lc.buf_v))
+            v_scale=put(lc.v_scale, vs, start), v_min=put(lc.v_min, vm, start),
+            buf_k=jax.lax.dynamic_update_slice_in_dim(lc.buf_k, head_k, 0, axis=2),
+            buf_v=jax.lax.dynamic_update_slice_in_dim(lc.buf_v, head_v, 0, axis=2))
 
 
 def buffer_size(group_size: int, spec_room: int) -> int:
