@@ -7,6 +7,9 @@ Random weights at a named shape (default Llama-3.1-8B), batch 1. For each contex
   verify  one target pass over gamma+1 tokens (bf16 weights, INT8 KV + buffer)
   round   gamma draft steps + verify + accept + commit (one iteration of the real loop)
   stream  one StreamingLLM draft step (bf16 weights, window of context/4)
+  flush   a round's commit when a KV group completes (quantize G tokens into the planes, shift
+          the buffer: `HierCache.commit`'s lax.cond branch) against one that completes none; the
+          difference is the flush, paid once per G committed tokens
 plus the prefill time of a prompt of the largest context, a device-copy ceiling measured in
 the same run, bytes each step must read and achieved bandwidth. Kernel counts:
 scripts/dump_decode_hlo.py.
@@ -239,6 +242,34 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             text = rounds_tokens.lower(params, draft, at(cache, contexts[0]), logits, key).compile().as_text()
             with open(os.path.join(args.hlo_dir, f"rounds_{args.shape}.hlo.txt"), "w") as fh:
                 fh.write(text)
+    if "flush" in args.parts:
+        gk = args.kv_group
+        for o, c in zip(outs, contexts):
+            base = c - c % gk + gk  # a group boundary
+            by = {}
+            for name, start in (("flush", base - 2), ("no_flush", base)):  # commit start -> start + 4
+
+                @functools.partial(jax.jit, donate_argnums=(0,))
+                def commits(cache, x, steps, start=start):
+                    def body(i, cc):
+                        cache, x = cc
+                        lens = jnp.full_like(cache.lengths, start) + x  # (x = 0: a dependency XLA keeps)
+                        cache = cache.replace(lengths=lens).commit(lens + 4)
+                        return cache, x + cache.lengths[0] // (1 << 30)
+                    return jax.lax.fori_loop(0, steps, body, (cache, x))
+
+                def run(k, commits=commits):
+                    nonlocal cache
+                    t = time.perf_counter()
+                    cache, x = commits(cache, jnp.int32(0), jnp.int32(k))
+                    jax.block_until_ready(x)
+                    return time.perf_counter() - t
+                by[name], per_call = per_step(run, n, args.steps_long, args.repeats)
+                report(o, name, by[name], per_call, None)
+            o["flush_ms"] = 1e3 * (by["flush"] - by["no_flush"])
+            o["commit_no_flush_ms"] = 1e3 * by["no_flush"]
+            print(f"# ctx {c}: flush {o['flush_ms']:.3f} ms per flush (commit with a completing group "
+                  f"{1e3 * by['flush']:.3f} ms, without {1e3 * by['no_flush']:.3f}); once per {gk} tokens", flush=True)
     del cache
     if "stream" in args.parts:
         fp = CacheSpec(capacity=cap, kind="fp", dtype="bfloat16", spec_room=g + 1)
@@ -399,7 +430,7 @@ def bench(args):
                   f"({100 * nbytes / step / ceiling:.0f}% of copy)", flush=True)
             del cache
         rows.append(res)
-    if {"draft", "verify", "round", "stream"} & set(args.parts):
+    if {"draft", "verify", "round", "stream", "flush"} & set(args.parts):
         # one compilation at the largest context; kernels read only each row's visible length
         cap = max(args.contexts) + n_cap * (max([g] + args.verify_gammas) + 1) + 2 * args.kv_group
         for res, part in zip(rows, spec_parts(args, config, params, draft, args.contexts, cap, key, opts, n, g)):
@@ -418,6 +449,7 @@ def bench(args):
         print(f"# prefill {t_len} tokens: {secs:.2f} s ({t_len / secs:.0f} tok/s)", flush=True)
     mem = dev.memory_stats() or {}
     return {"shape": args.shape, "config": dataclasses.asdict(config), "card": dev.device_kind, "gamma": g,
+            "kv_group": args.kv_group,
             "date": time.strftime("%Y-%m-%d"), "copy_ceiling_tbps": ceiling / 1e12, "weight_bytes": wbytes,
             "rows": rows, "prefill": prefill, "peak_bytes_in_use": mem.get("peak_bytes_in_use"),
             "timing": (f"slope between {n} and {args.steps_long} steps per call" if args.steps_long
@@ -429,7 +461,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--parts", nargs="+", default=["ar"], choices=["ar", "draft", "verify", "round", "stream"])
+    p.add_argument("--parts", nargs="+", default=["ar"], choices=["ar", "draft", "verify", "round", "stream", "flush"])
     p.add_argument("--steps", type=int, default=32, help="decode steps per timed loop")
     p.add_argument("--steps-long", type=int, default=0,
                    help="also time loops of this many steps and report the per-step slope between the two "

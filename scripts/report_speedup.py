@@ -121,6 +121,19 @@ def main():
         print(f"| {s['context'] // 1024}K | {s['best_gamma']} | {s['speedup']:.2f}x | {s['ideal']:.2f}x | "
               f"{100 * s['speedup'] / s['ideal']:.0f}% | " + (f">= {target}x (90% of ideal) |" if target else
                                                              "90% of ideal |") + f" {by_round} |")
+    flushes = [(r["context"], r["flush_ms"]) for r in dec["rows"] if "flush_ms" in r]
+    if flushes:  # the rule: a flush kernel only if XLA's flush costs > 5% of a round
+        g, group = round_gamma(dec), int(dec.get("kv_group", 128))
+        print()
+        print(f"| context | flush (XLA) | per round at a = 0.9, gamma {g} (a flush per {group} tokens, "
+              f"{omega(0.9, g):.2f} tokens per round) | % of gamma x draft + verify |")
+        print("|---|---|---|---|")
+        for ctx, f_ms in flushes:
+            r = next(x for x in dec["rows"] if x["context"] == ctx)
+            per_round = f_ms * omega(0.9, g) / group
+            t_round = g * r["draft_ms"] + r["verify_ms_by_gamma"][str(g)] if "draft_ms" in r else None
+            print(f"| {ctx // 1024}K | {f_ms:.3f} ms | {per_round * 1e3:.1f} us | "
+                  + (f"{100 * per_round / t_round:.2f}% |" if t_round else "- |"))
     print()
     print("| context | autoregressive (bf16 KV) | QuantSpec | StreamingLLM (shared fp cache) | StreamingLLM, MagicDec-style extra 1/4 cache |")
     print("|---|---|---|---|---|")
@@ -152,6 +165,11 @@ def plots(args, dec, summary):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ctx, [s["speedup"] for s in summary], "o-", label="projected from measured times (best gamma)")
     ax.plot(ctx, [s["ideal"] for s in summary], "s--", label="ideal (byte model)")
+    g_round = round_gamma(dec)
+    by_round = [(c, omega(0.9, g_round) * s["t_ar"] / s["round_ms"]) for c, s in zip(ctx, summary) if s["round_ms"]]
+    if by_round:
+        ax.plot([c for c, _ in by_round], [v for _, v in by_round], "^:",
+                label=f"with the measured round (gamma {g_round})")
     ax.axhline(1.0, color="gray", lw=0.8)
     save(fig, ax, "speedup over autoregressive (a = 0.9)", f"QuantSpec, Llama-3.1-8B shape, {card}",
          "speedup_vs_context.png")
@@ -177,6 +195,7 @@ def plots(args, dec, summary):
             ax.plot([c // 1024 for c, _ in sel], [b for _, b in sel], "s--", label="bf16 XLA attention, T=1")
         if ceiling:
             ax.axhline(ceiling, color="gray", lw=0.8, label=f"copy ceiling {ceiling:.2f} TB/s")
+            ax.axhline(0.75 * ceiling, color="gray", lw=0.8, ls=":", label="75% of it (the draft's target)")
         ax.set_xscale("log", base=2)
         save(fig, ax, "TB/s of bytes that must be read",
              f"Attention kernels, 32 q heads / 8 KV heads / d 128, {card}", "kernel_bandwidth.png", legend_size=7)

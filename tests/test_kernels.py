@@ -814,7 +814,7 @@ def test_report_speedup_projects_from_the_measured_times(tmp_path, monkeypatch, 
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = {"vocab_size": 1000, "hidden_size": 64}
-    row = {"context": 32768, "ar_ms": 8.0, "draft_ms": 2.5, "verify_ms": 6.5, "round_ms": 15.0,
+    row = {"context": 32768, "ar_ms": 8.0, "draft_ms": 2.5, "verify_ms": 6.5, "round_ms": 15.0, "flush_ms": 0.9,
            "verify_ms_by_gamma": {"2": 6.4, "3": 6.5}}
     dec = {"card": "test card", "date": "2026-11-27", "config": cfg, "weight_bytes": 16e9 + 1000 * 64 * 2,
            "rows": [row], "command": "bench_decode.py --gamma 3"}  # (no "gamma" key: read from the command)
@@ -835,3 +835,5 @@ def test_report_speedup_projects_from_the_measured_times(tmp_path, monkeypatch, 
     by_round = om3 * 8.0 / 15.0
     assert cells[6] == f"{by_round:.2f}x ({100 * by_round / ideal3:.0f}%)"
     assert f"{s2:.2f}x" in out
+    flush_per_round = 0.9 * om3 / 128  # one flush per G = 128 tokens, om3 tokens per round
+    assert f"| 32K | 0.900 ms | {flush_per_round * 1e3:.1f} us | {100 * flush_per_round / (3 * 2.5 + 6.5):.2f}% |" in out
