@@ -32,6 +32,7 @@ $OUT is set, and to docs/bench_kernels.json with --write-docs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -348,7 +349,7 @@ def fused_ops(args):
             act = spec.get("act")
             nw = 2 * n if act else n
             rec = dict(op=name, m=m, k=k, n=n)
-            try:
+            with fused_record(args, rec, "fused"):
                 rng = np.random.default_rng(k + n + m)
                 qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, nw), np.float32) * 0.02), g)
                 x, gw, res = _fused_inputs(m, k, n, spec)
@@ -369,12 +370,20 @@ def fused_ops(args):
                                                                             **rk, **kw)),
                                  ("no_norm", lambda p, s, mn_: int4_matmul(x, p, s, mn_, group_size=g, **rk, **kw))]
                 time_weight_variants(args, rec, variants, random_int4(jax.random.PRNGKey(k * 7 + nw), k, nw, g))
-            except Exception as e:
-                rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-                rec["ok"] = False
-            RESULTS["fused"].append(rec)
-            log("fused", _short(rec))
-            dump(args)
+
+
+@contextlib.contextmanager
+def fused_record(args, rec, label):
+    """One fused-form record: an exception in the block is recorded in it (not raised), then it goes
+    to RESULTS["fused"], the log and the JSON."""
+    try:
+        yield rec
+    except Exception as e:
+        rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        rec["ok"] = False
+    RESULTS["fused"].append(rec)
+    log(label, _short(rec))
+    dump(args)
 
 
 def time_weight_variants(args, rec, variants, weight):
@@ -403,7 +412,7 @@ def qkv_cache_op(args):
         if over_deadline(args):
             return
         rec = dict(op=f"qkv_to_cache/{layout}", m=m, k=k, n=n)
-        try:
+        with fused_record(args, rec, "qkv_to_cache"):
             rng = np.random.default_rng(m)
             qw = quantize_rtn(jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02), g)
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -428,19 +437,12 @@ def qkv_cache_op(args):
             for name, a, b_ in (("q", got[0], want[0]),
                                 ("k", got[1][rows, :, np.asarray(slot)], want[1][rows, :, np.asarray(slot)]),
                                 ("v", got[2][rows, :, np.asarray(slot)], want[2][rows, :, np.asarray(slot)])):
-                a, b_ = np.asarray(a, np.float32), np.asarray(b_, np.float32)
-                rec[f"{name}_rel_fro"] = float(np.linalg.norm(a - b_) / max(np.linalg.norm(b_), 1e-30))
-                rec[f"{name}_bitwise"] = bool(np.array_equal(a, b_))
+                rec[f"{name}_rel_fro"] = rel_errs(a, b_)[0]
+                rec[f"{name}_bitwise"] = bool(np.array_equal(np.asarray(a, np.float32), np.asarray(b_, np.float32)))
             rec["ok"] = max(rec[f"{c}_rel_fro"] for c in "qkv") < 1e-2
             RESULTS["check"].append(dict(kernel="int4_qkv_to_cache", **rec))
             time_weight_variants(args, rec, (("fused", fused), ("unfused", unfused)), random_int4(jax.random.PRNGKey(n),
                                                                                               k, n, g))
-        except Exception as e:
-            rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            rec["ok"] = False
-        RESULTS["fused"].append(rec)
-        log("qkv_to_cache", _short(rec))
-        dump(args)
 
 
 # ---------------------------------------------------------------------------------------
