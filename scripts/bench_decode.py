@@ -249,8 +249,8 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
             by = {}
             for name, start in (("flush", base - 2), ("no_flush", base)):  # commit start -> start + 4
 
-                @functools.partial(jax.jit, donate_argnums=(0,))
-                def commits(cache, x, steps, start=start):
+                @functools.partial(jax.jit, donate_argnums=(1,))
+                def commits(_, cache, x, steps, start=start):
                     def body(i, cc):
                         cache, x = cc
                         lens = jnp.full_like(cache.lengths, start) + x  # (x = 0: a dependency XLA keeps)
@@ -258,13 +258,7 @@ def spec_parts(args, config, params, draft, contexts, cap, key, opts, n, g):
                         return cache, x + cache.lengths[0] // (1 << 30)
                     return jax.lax.fori_loop(0, steps, body, (cache, x))
 
-                def run(k, commits=commits):
-                    nonlocal cache
-                    t = time.perf_counter()
-                    cache, x = commits(cache, jnp.int32(0), jnp.int32(k))
-                    jax.block_until_ready(x)
-                    return time.perf_counter() - t
-                by[name], per_call = per_step(run, n, args.steps_long, args.repeats)
+                by[name], per_call, cache = chained(commits, n, None, cache, jnp.int32(0), c)
                 report(o, name, by[name], per_call, None)
             o["flush_ms"] = 1e3 * (by["flush"] - by["no_flush"])
             o["commit_no_flush_ms"] = 1e3 * by["no_flush"]
