@@ -82,7 +82,7 @@ def main():
     print("| context | gamma | t_AR ms | t_draft ms | t_verify ms | c_d meas (ideal) | c_v meas (ideal) | "
           "speedup a=0.9 | ideal a=0.9 | % of ideal | speedup a=PG-19 | ideal a=PG-19 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    summary = []
+    summary, g_round = [], round_gamma(dec)
     for r in dec["rows"]:
         ctx = r["context"]
         t_ar = ar_rows[ctx]["ar_ms"]
@@ -101,29 +101,28 @@ def main():
                   f"{100 * s9 / i9:.0f}% | " + (f"{sa:.2f}x | {ia:.2f}x |" if sa else "- | - |"))
             if best is None or s9 > best[1]:
                 best = (g, s9, i9, sa, ia)
-        measured_round = r.get("round_ms")
+        # the same projection with the measured round (the speculative loop itself: acceptance, commit
+        # and flush included) in place of gamma x draft + verify; the round's gamma, a = 0.9
+        by_round = omega(0.9, g_round) * t_ar / r["round_ms"] if r.get("round_ms") else None
         summary.append(dict(context=ctx, t_ar=t_ar, best_gamma=best[0], speedup=best[1], ideal=best[2],
-                            speedup_pg19=best[3], ideal_pg19=best[4], round_ms=measured_round, ideal_at=ideal_at,
+                            speedup_pg19=best[3], ideal_pg19=best[4], by_round=by_round,
+                            ideal_by_round=ideal_at.get(g_round),
                             mem_ar=r.get("mem_ar_fp"), mem_qs=r.get("mem_quantspec"),
                             mem_stream=r.get("mem_streaming_shared"), mem_magicdec=r.get("mem_streaming_magicdec")))
     print()
-    g_round = round_gamma(dec)
     print("| context | best gamma (a = 0.9) | projected speedup | ideal | % of ideal | target | "
           f"with the measured round (gamma {g_round}) |")
     print("|---|---|---|---|---|---|---|")
     for s in summary:
         target = {32768: 1.9, 131072: 2.05}.get(s["context"])
-        # the same projection with the measured round (the speculative loop itself: acceptance, commit
-        # and flush included) in place of gamma x draft + verify; the round's gamma, a = 0.9
-        by_round = (f"{omega(0.9, g_round) * s['t_ar'] / s['round_ms']:.2f}x "
-                    f"({100 * omega(0.9, g_round) * s['t_ar'] / s['round_ms'] / s['ideal_at'][g_round]:.0f}%)"
-                    if s["round_ms"] and g_round in s["ideal_at"] else "-")
+        by_round = (f"{s['by_round']:.2f}x ({100 * s['by_round'] / s['ideal_by_round']:.0f}%)"
+                    if s["by_round"] and s["ideal_by_round"] else "-")
         print(f"| {s['context'] // 1024}K | {s['best_gamma']} | {s['speedup']:.2f}x | {s['ideal']:.2f}x | "
               f"{100 * s['speedup'] / s['ideal']:.0f}% | " + (f">= {target}x (90% of ideal) |" if target else
                                                              "90% of ideal |") + f" {by_round} |")
     flushes = [(r["context"], r["flush_ms"]) for r in dec["rows"] if "flush_ms" in r]
     if flushes:  # the rule: a flush kernel only if XLA's flush costs > 5% of a round
-        g, group = round_gamma(dec), int(dec.get("kv_group", 128))
+        g, group = g_round, int(dec.get("kv_group", 128))
         print()
         print(f"| context | flush (XLA) | per round at a = 0.9, gamma {g} (a flush per {group} tokens, "
               f"{omega(0.9, g):.2f} tokens per round) | % of gamma x draft + verify |")
@@ -165,11 +164,10 @@ def plots(args, dec, summary):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ctx, [s["speedup"] for s in summary], "o-", label="projected from measured times (best gamma)")
     ax.plot(ctx, [s["ideal"] for s in summary], "s--", label="ideal (byte model)")
-    g_round = round_gamma(dec)
-    by_round = [(c, omega(0.9, g_round) * s["t_ar"] / s["round_ms"]) for c, s in zip(ctx, summary) if s["round_ms"]]
+    by_round = [(c, s["by_round"]) for c, s in zip(ctx, summary) if s["by_round"]]
     if by_round:
         ax.plot([c for c, _ in by_round], [v for _, v in by_round], "^:",
-                label=f"with the measured round (gamma {g_round})")
+                label=f"with the measured round (gamma {round_gamma(dec)})")
     ax.axhline(1.0, color="gray", lw=0.8)
     save(fig, ax, "speedup over autoregressive (a = 0.9)", f"QuantSpec, Llama-3.1-8B shape, {card}",
          "speedup_vs_context.png")
