@@ -671,11 +671,20 @@ def test_hier_attention_auto_dispatch_and_bad_inputs():
 # the profiling helper that reads Nsight Compute's SASS page (scripts/sass_summary.py)
 # ---------------------------------------------------------------------------------------
 
-def test_sass_summary_reads_ncu_source_csv(tmp_path, capsys):
+def _script(name: str, monkeypatch=None):
+    """scripts/<name>.py loaded as a module (with monkeypatch: scripts/ on sys.path for its own
+    imports, e.g. bench_decode's of bench_kernels)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("sass_summary", "scripts/sass_summary.py")
+    if monkeypatch is not None:
+        monkeypatch.syspath_prepend("scripts")
+    spec = importlib.util.spec_from_file_location(name, f"scripts/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sass_summary_reads_ncu_source_csv(tmp_path, capsys):
+    mod = _script("sass_summary")
     hdr = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
            '"stall_long_sb","stall_wait","stall_long_sb (Not Issued)"')
     rows = [("0x0", "LDC R1, c[0x0][0x0]", 1, 4, 0, 1, 0)]
@@ -770,19 +779,10 @@ def test_qkv_to_cache_bad_inputs_raise():
 
 
 
-def _bench_decode(monkeypatch):
-    import importlib.util
-    monkeypatch.syspath_prepend("scripts")  # bench_decode imports bench_kernels from its own folder
-    spec = importlib.util.spec_from_file_location("bench_decode_under_test", "scripts/bench_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_per_step_time_leaves_out_the_per_call_cost(monkeypatch):
     """bench_decode's --steps-long: the slope between two loop lengths is the step's time whatever a
     call costs besides; without it, per call / steps (which carries that cost)."""
-    mod = _bench_decode(monkeypatch)
+    mod = _script("bench_decode", monkeypatch)
     calls = []
 
     def run(k):  # a call of k steps: 5 units of dispatch + 2 per step; the first call (warm-up) slower
@@ -797,7 +797,7 @@ def test_per_step_time_leaves_out_the_per_call_cost(monkeypatch):
 def test_kernel_gaps_sums_the_idle_time_between_a_streams_kernels(monkeypatch):
     """bench_decode's profile helper: the idle time before each kernel on its own stream, summed by
     the (previous, next) pair; overlapping kernels count as no gap."""
-    mod = _bench_decode(monkeypatch)
+    mod = _script("bench_decode", monkeypatch)
     events = [("qkv", 10, 0, "s1"), ("attn", 5, 12, "s1"), ("qkv", 10, 20, "s1"), ("attn", 5, 31, "s1"),
               ("copy", 3, 0, "s2"), ("copy", 3, 2, "s2")]
     total, rows = mod.kernel_gaps(events)
@@ -808,11 +808,8 @@ def test_kernel_gaps_sums_the_idle_time_between_a_streams_kernels(monkeypatch):
 def test_report_speedup_projects_from_the_measured_times(tmp_path, monkeypatch, capsys):
     """report_speedup's projection: Omega(a, gamma) * t_AR / (gamma * t_draft + t_verify), the best
     gamma, and the same with bench_decode's measured round; the ideal from the byte model."""
-    import importlib.util
     import json
-    spec = importlib.util.spec_from_file_location("report_speedup_under_test", "scripts/report_speedup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("report_speedup")
     cfg = {"vocab_size": 1000, "hidden_size": 64}
     row = {"context": 32768, "ar_ms": 8.0, "draft_ms": 2.5, "verify_ms": 6.5, "round_ms": 15.0, "flush_ms": 0.9,
            "verify_ms_by_gamma": {"2": 6.4, "3": 6.5}}
